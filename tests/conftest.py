@@ -2,5 +2,15 @@
 import os
 
 # Triton kernels only run on CPU through the interpreter, and the variable is read
-# when `@triton.jit` runs, so set it before any kernel module is imported.
+# when `@triton.jit` runs, so set it before any module defines a kernel.  Kernels
+# started by nbval inherit os.environ, so the notebooks see it too.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# nbval's Jupyter kernels inherit os.environ, and ipykernel selects the inline
+# matplotlib backend only when MPLBACKEND is unset: with MPLBACKEND=Agg (exported
+# by the Makefile) every figure would vanish from the notebooks' outputs.  Keep
+# Agg for this (headless) test process only.
+if os.environ.pop("MPLBACKEND", None):
+    import matplotlib
+
+    matplotlib.use("Agg")
