@@ -1,4 +1,9 @@
-"""Shared pytest set-up for simbook's unit tests and nbval notebook runs."""
+"""pytest set-up shared by the unit tests (tests/) and the nbval notebook runs (nbs/).
+
+It lives at the repository root because pytest loads a conftest.py only from the
+rootdir and the folders of the collected paths: tests/conftest.py would not be
+loaded by `pytest nbs`, and its environment would not reach nbval's kernels.
+"""
 import os
 
 # Triton kernels only run on CPU through the interpreter, and the variable is read
