@@ -1,0 +1,115 @@
+# simbook: notebooks (nbs/) -> package (simbook/) -> tests + website (book/_build/html)
+# `make help` lists the targets.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+VENV := .venv
+BIN  := $(VENV)/bin
+PY   := $(BIN)/python
+SITE := book/_build/html
+# build from the repository root; --path-output book puts the site in book/_build/html
+JB_BUILD := $(BIN)/jupyter-book build . --toc _toc.yml --path-output book --all -W --keep-going
+
+# Same numerics everywhere: pinned CPU code paths, 2 threads, no hash/tokenizer
+# randomness, no network for Hugging Face libraries, headless matplotlib.
+export ATEN_CPU_CAPABILITY := avx2
+export MKL_CBWR := AVX2
+export ONEDNN_MAX_CPU_ISA := AVX2
+export OMP_NUM_THREADS := 2
+export MKL_NUM_THREADS := 2
+export PYTHONHASHSEED := 0
+export TOKENIZERS_PARALLELISM := false
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MPLBACKEND := Agg
+# Jupyter kernels must not see MPLBACKEND=Agg (ipykernel then drops the inline
+# figures): tests/conftest.py and tools/execute_notebooks.py remove it for their
+# kernels, and book-exec runs jupyter-book without it.
+export TRITON_INTERPRET ?= 1
+
+.PHONY: help venv nbdev-export sync pytest nbval book site book-exec notebooks test clean distclean
+
+help:
+	@echo "make venv       create .venv (pip install -e '.[dev]') and Debian chromium"
+	@echo "make book       build the website from stored outputs -> $(SITE)"
+	@echo "make book-exec  build the website re-executing the notebooks (jupyter-cache)"
+	@echo "make test       venv, sync, pytest tests, nbval nbs, book build (with timings)"
+	@echo "make notebooks  re-execute nbs/*.ipynb in place, store outputs, export"
+	@echo "make nbdev-export  nbdev_export, repeatable (tools/export.py)"
+	@echo "make sync       export, then check that simbook/ has no uncommitted change"
+	@echo "make pytest     unit tests (tests/)    make nbval   notebook outputs (nbs/)"
+	@echo "make clean      remove build outputs   make distclean   also remove .venv"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(BIN)/pip install -e ".[dev]"
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "installing Debian chromium (browser test)"; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium; \
+	fi
+	touch $@
+
+# nbdev_export, plus resetting the modules that notebooks fill with
+# `#| export other.mod` (nbdev 2 appends to those; see tools/export.py)
+nbdev-export: venv
+	$(PY) tools/export.py
+
+sync: nbdev-export
+	@if [ -n "$$(git status --porcelain --untracked-files=all -- simbook)" ]; then \
+	  git status --short --untracked-files=all -- simbook; \
+	  git --no-pager diff --stat -- simbook; \
+	  echo "package out of sync with notebooks: run make nbdev-export and commit"; \
+	  exit 1; \
+	fi
+	@echo "simbook/ is in sync with nbs/"
+
+pytest: venv
+	$(BIN)/pytest tests
+
+nbval: venv
+	$(BIN)/pytest nbs
+
+book: venv sync
+	@$(MAKE) site
+
+# build only (no venv/sync prerequisites); used by `book` and `test`
+site:
+	$(JB_BUILD) --config book/_config.yml
+	@echo "site: $(SITE)/index.html"
+	@echo "serve it: python3 -m http.server -d $(SITE) 8000   (then http://localhost:8000)"
+
+book-exec: venv sync
+	env -u MPLBACKEND $(JB_BUILD) --config book/_config_exec.yml
+	@echo "site: $(SITE)/index.html"
+	@echo "serve it: python3 -m http.server -d $(SITE) 8000   (then http://localhost:8000)"
+
+notebooks: venv
+	$(PY) tools/execute_notebooks.py nbs/*.ipynb
+	$(PY) tools/export.py
+
+# every stage is timed; a failing stage stops the run after printing the times so far
+test:
+	@times=""; status=0; \
+	for stage in venv sync pytest nbval site; do \
+	  t0=$$(date +%s.%N); \
+	  $(MAKE) $$stage || status=$$?; \
+	  t1=$$(date +%s.%N); \
+	  times="$$times$$(printf '  %-7s %7.1f s' $$stage $$(awk "BEGIN{print $$t1-$$t0}"))\n"; \
+	  if [ $$status -ne 0 ]; then times="$$times  FAILED at stage $$stage\n"; break; fi; \
+	done; \
+	printf "\nmake test stage times:\n$$times"; \
+	exit $$status
+
+clean:
+	rm -rf book/_build _build .jupyter_cache _nbdev_docs .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	find . -path ./$(VENV) -prune -o -name .ipynb_checkpoints -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
