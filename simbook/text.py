@@ -27,6 +27,7 @@ def read_lines(path: str | os.PathLike, *, min_chars: int = 1) -> list[str]:
     """Read a UTF-8 file with one text per line; strips whitespace, drops lines shorter than `min_chars`.
 
     Defined in: *Text, tokens and corpora*, section "Corpora"."""
+    check_positive_int(min_chars, "min_chars")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no corpus file at {path}")
@@ -223,9 +224,12 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "CharTokenizer":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        if data.get("type") != "char":
-            raise ValueError(f"{path} is not a simbook character vocabulary")
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path} is not a JSON vocabulary: {e}") from None
+        if not isinstance(data, dict) or data.get("type") != "char" or not isinstance(data.get("tokens"), list):
+            raise ValueError(f"{path} is not a simbook character vocabulary (expected {{'type': 'char', 'tokens': [...]}})")
         return cls(data["tokens"])
 
 # %% ../nbs/03_text_and_corpora.ipynb #c017

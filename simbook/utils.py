@@ -32,9 +32,11 @@ def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 # %% ../nbs/00_conventions.ipynb #c006
+_INT_DTYPES = {torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8} | {
+    getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name)}
 _DTYPE_KINDS = {
     "float": lambda dt: dt.is_floating_point,
-    "int": lambda dt: dt in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8),
+    "int": lambda dt: dt in _INT_DTYPES,
     "bool": lambda dt: dt == torch.bool,
 }
 
@@ -94,6 +96,14 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
+def _is_safetensors(path: Path) -> bool:
+    # a safetensors file starts with an 8-byte little-endian header length, then a JSON header "{...}"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
 def _looks_pickled(path: Path) -> bool:
     with open(path, "rb") as f:
         head = f.read(4)
@@ -113,11 +123,14 @@ def read_state_dict(path: str | os.PathLike, *, allow_torch_weights_only: bool =
         path = path / WEIGHTS_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
-    if _looks_pickled(path):
+    if not _is_safetensors(path) and _looks_pickled(path):
         if not allow_torch_weights_only:
             raise ValueError(f"{path} is a pickled checkpoint; simbook refuses to unpickle it. Convert it to "
                              "safetensors where you trust it, or pass allow_torch_weights_only=True")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # the weights-only unpickler refuses anything but tensors and plain containers
+            raise ValueError(f"{path} could not be read as tensors only: {type(e).__name__}") from None
         if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError(f"{path} does not hold a flat dict of tensors")
         return dict(state)

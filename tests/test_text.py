@@ -243,8 +243,6 @@ def test_load_invalid_json_is_value_error(tmp_path):
         CharTokenizer.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="CharTokenizer.load calls data.get on any JSON value: a JSON list raises "
-                                      "AttributeError instead of the ValueError it gives other foreign files")
 def test_load_json_list_is_value_error(tmp_path):
     path = tmp_path / "list.json"
     path.write_text(json.dumps(list(SPECIAL_TOKENS)), encoding="utf-8")
@@ -252,8 +250,6 @@ def test_load_json_list_is_value_error(tmp_path):
         CharTokenizer.load(path)
 
 
-@pytest.mark.xfail(strict=True, reason="CharTokenizer.load: a {'type': 'char'} file without 'tokens' raises "
-                                      "KeyError instead of ValueError")
 def test_load_char_json_without_tokens_is_value_error(tmp_path):
     path = tmp_path / "partial.json"
     path.write_text(json.dumps({"type": "char"}), encoding="utf-8")
