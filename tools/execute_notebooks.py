@@ -104,7 +104,9 @@ def execute(path: Path, budget_s: float, repo_root: Path) -> float:
     )
     t0 = time.perf_counter()
     try:
-        client.execute()
+        # cleanup_kc: we passed our own KernelManager, so nbclient would otherwise
+        # leave the kernel running after the notebook (one leaked kernel per notebook)
+        client.execute(cleanup_kc=True)
     except (CellExecutionError, CellTimeoutError) as e:
         idx = current.get("index", "?")
         raise NotebookFailed(
