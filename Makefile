@@ -38,7 +38,7 @@ help:
 	@echo "make book-exec  build the website re-executing the notebooks (jupyter-cache)"
 	@echo "make test       venv, sync, pytest tests, nbval nbs, book build (with timings)"
 	@echo "make notebooks  re-execute nbs/*.ipynb in place, store outputs, export"
-	@echo "make nbdev-export  nbdev_export, repeatable (tools/export.py)"
+	@echo "make nbdev-export  write simbook/ from the notebooks (nbdev_export)"
 	@echo "make sync       export, then check that simbook/ has no uncommitted change"
 	@echo "make pytest     unit tests (tests/)    make nbval   notebook outputs (nbs/)"
 	@echo "make clean      remove build outputs   make distclean   also remove .venv"
@@ -55,10 +55,8 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	touch $@
 
-# nbdev_export, plus resetting the modules that notebooks fill with
-# `#| export other.mod` (nbdev 2 appends to those; see tools/export.py)
 nbdev-export: venv
-	$(PY) tools/export.py
+	$(BIN)/nbdev_export
 
 sync: nbdev-export
 	@if [ -n "$$(git status --porcelain --untracked-files=all -- simbook)" ]; then \
@@ -91,7 +89,7 @@ book-exec: venv sync
 
 notebooks: venv
 	$(PY) tools/execute_notebooks.py nbs/*.ipynb
-	$(PY) tools/export.py
+	$(BIN)/nbdev_export
 
 # every stage is timed; a failing stage stops the run after printing the times so far
 test:
