@@ -7,7 +7,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-CLI_MODULES = ["simbook.seq2seq"]
+CLI_MODULES = ["simbook.seq2seq", "simbook.decoding"]
 
 
 def build_parser() -> argparse.ArgumentParser:

