@@ -395,14 +395,10 @@ def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: to
     return -picked[valid[:, 1:]].mean()
 
 
-def _lm_batch(tokenizer, sentences, max_chars):
-    rows = [[tokenizer.cls_id] + tokenizer.encode(s)[:max_chars] + [tokenizer.sep_id] for s in sentences]
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long)
-    valid = torch.zeros((len(rows), T), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)], valid[i, :len(r)] = torch.tensor(r), True
-    return ids, valid
+def _lm_batch(tokenizer, texts, max_chars):
+    # `[CLS] text [SEP]`, right-padded: the tokenizer's single-text layout is the LM's, with [SEP] as <eos>
+    batch = tokenizer.batch_encode(texts, max_length=max_chars + 2)
+    return batch["input_ids"], batch["valid"]
 
 
 def train_language_model(model, tokenizer, sentences: list[str], *, steps: int = 300, batch_size: int = 32,
