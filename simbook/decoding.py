@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention.masks import causal_mask, unilm_mask
-from .utils import check_positive_int, check_tensor
+from .utils import check_positive_int, check_tensor, optimizer_step
 
 # %% auto #0
 __all__ = ['DECODERS', 'DecodingOutput', 'StepDecoder', 'filter_log_probs', 'stream', 'greedy', 'sample', 'beam_search',
@@ -423,12 +423,7 @@ def train_language_model(model, tokenizer, sentences: list[str], *, steps: int =
         ids, valid = (x.to(device) for x in _lm_batch(tokenizer, [sentences[i] for i in index], max_chars))
         loss = language_model_loss(model(ids, mask=causal_mask(valid)), ids, valid,
                                    self_terminating=self_terminating, eos_id=tokenizer.sep_id)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {len(losses)}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(optimizer, loss, len(losses)))
     model.eval()
     return losses
 

@@ -14,7 +14,7 @@ from .attention.masks import bidirectional_mask, causal_mask, unilm_mask
 from .models.bert import BertLM
 from .models.transformer import TransformerConfig
 from .text import Tokenizer
-from .utils import check_positive_int, check_tensor
+from .utils import check_positive_int, check_tensor, optimizer_step
 
 # %% auto #0
 __all__ = ['SEQ2SEQ_MASKS', 'reversal_pairs', 'seq2seq_mask', 'seq2seq_loss', 'greedy_generate', 'new_seq2seq_model',
@@ -171,14 +171,8 @@ def train_seq2seq(model: BertLM, tokenizer: Tokenizer, pairs: Sequence[tuple[str
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(batch["input_ids"], batch["segment_ids"],
                        seq2seq_mask(mask, batch["segment_ids"], batch["valid"]))
-        loss = seq2seq_loss(logits, **batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {len(losses)}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        losses.append(optimizer_step(optimizer, seq2seq_loss(logits, **batch), len(losses)))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
     model.eval()
     return losses
 

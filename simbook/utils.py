@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'seed_everything', 'check_positive_int', 'check_tensor', 'check_text',
+__all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'seed_everything', 'check_positive_int', 'check_tensor', 'check_text', 'optimizer_step',
            'read_state_dict', 'save_checkpoint', 'load_checkpoint', 'load_state_dict_strict', 'use_cjk_font']
 
 # %% ../nbs/00_conventions.ipynb #c004
@@ -92,6 +93,20 @@ def check_text(text, name: str = "text") -> str:
     return text
 
 # %% ../nbs/00_conventions.ipynb #c010
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int) -> float:
+    """Backpropagate `loss` and update with `optimizer`; a NaN or inf loss raises FloatingPointError naming `step`.
+    Returns the loss as a float.
+
+    Defined in: *Conventions*, section "One training step"."""
+    value = loss.item()
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the loss became {value} at step {step}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return value
+
+# %% ../nbs/00_conventions.ipynb #c013
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
@@ -182,7 +197,7 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, tor
         raise ValueError("checkpoint does not fit the model; " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
 
-# %% ../nbs/00_conventions.ipynb #c014
+# %% ../nbs/00_conventions.ipynb #c017
 def use_cjk_font() -> str:
     """Make matplotlib able to draw Chinese characters; returns the font family used.
 
