@@ -37,7 +37,7 @@ help:
 	@echo "make book       build the website from stored outputs -> $(SITE)"
 	@echo "make book-exec  build the website re-executing the notebooks (jupyter-cache)"
 	@echo "make test       venv, sync, pytest tests, nbval nbs, book build (with timings)"
-	@echo "make notebooks  re-execute nbs/*.ipynb in place, store outputs, export"
+	@echo "make notebooks  re-execute nbs/*.ipynb in place, store outputs, export (NB=, BUDGET=)"
 	@echo "make nbdev-export  write simbook/ from the notebooks (nbdev_export)"
 	@echo "make sync       export, then check that simbook/ has no uncommitted change"
 	@echo "make pytest     unit tests (tests/)    make nbval   notebook outputs (nbs/)"
@@ -87,8 +87,11 @@ book-exec: venv sync
 	@echo "site: $(SITE)/index.html"
 	@echo "serve it: python3 -m http.server -d $(SITE) 8000   (then http://localhost:8000)"
 
+# make notebooks NB=nbs/08_decoding.ipynb BUDGET=300 re-executes one chapter (budget in s)
+NB ?= nbs/*.ipynb
+BUDGET ?= 90
 notebooks: venv
-	$(PY) tools/execute_notebooks.py nbs/*.ipynb
+	$(PY) tools/execute_notebooks.py --budget $(BUDGET) $(NB)
 	$(BIN)/nbdev_export
 
 # every stage is timed; a failing stage stops the run after printing the times so far
