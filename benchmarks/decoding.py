@@ -1,5 +1,6 @@
 """simbook's decoder (StepDecoder + greedy / sample) vs Hugging Face transformers' `generate`: tokens per second on
-the same tiny random GPT-2 weights.
+the same tiny random GPT-2 weights, for simbook's fast path (PackedGPT, the default for a GPT) and its general path
+(`StepDecoder(model, fast=False)`, the one every other model takes).
 
 Run:  python benchmarks/decoding.py [--device cpu|cuda] [--repeats 7] [--batches 1 16] [--threads N] [--profile]
 
@@ -7,7 +8,7 @@ A GPT-2 (2 layers, 4 heads, width 128, vocabulary 5000, 256 positions) with rand
 temporary folder with `save_pretrained` and loaded into both libraries. For every batch size (prompts of 16
 tokens, 128 new tokens, no eos: both produce exactly 128 tokens per row) and mode (greedy; sampling with top-k 50
 and top-p 0.9), the two are run alternately after a warm-up, and the table gives the median tokens/s of each and
-the ratio simbook / transformers (> 1: simbook faster). The greedy tokens of the two must be identical.
+the ratios simbook / transformers (> 1: simbook faster). The greedy tokens of all three must be identical.
 `--profile` prints where simbook's time goes (cProfile of greedy decoding at the smallest batch).
 """
 import argparse
@@ -47,8 +48,8 @@ def build_models(device):
     return ours, theirs
 
 
-def runners(ours, theirs, ids, mode, seed):
-    decoder = StepDecoder(ours)
+def runners(ours, theirs, ids, mode, seed, fast=True):
+    decoder = StepDecoder(ours, fast=fast)
     # eos_token_id=None: no token ends a row, so both produce exactly NEW_TOKENS tokens
     hf_kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
                  eos_token_id=None, pad_token_id=0, num_beams=1)
@@ -98,28 +99,32 @@ def main():
     ours, theirs = build_models(device)
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"transformers={transformers.__version__} prompt={PROMPT} new_tokens={NEW_TOKENS} repeats={args.repeats}")
-    print(f"{'batch':>5} {'mode':>7} {'simbook tok/s':>14} {'transformers tok/s':>19} {'ratio':>6}")
+    print(f"{'batch':>5} {'mode':>7} {'simbook tok/s':>14} {'general path':>13} {'transformers tok/s':>19} "
+          f"{'ratio':>6} {'general ratio':>14}")
     rows = []
     for batch in args.batches:
         ids = torch.randint(0, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)).to(device)
         for mode in args.modes:
             run_ours, run_theirs = runners(ours, theirs, ids, mode, seed=batch)
+            run_general, _ = runners(ours, theirs, ids, mode, seed=batch, fast=False)
             with torch.inference_mode():
                 _, a = timed(run_ours, sync)                              # warm-up, and the checks
                 _, b = timed(run_theirs, sync)
-                assert a.shape == b.shape == (batch, NEW_TOKENS), (a.shape, b.shape)
+                _, c = timed(run_general, sync)
+                assert a.shape == b.shape == c.shape == (batch, NEW_TOKENS), (a.shape, b.shape, c.shape)
                 if mode == "greedy":
                     assert torch.equal(a, b), "simbook's greedy tokens differ from transformers'"
-                t_ours, t_theirs = [], []
-                for r in range(args.repeats):                             # interleaved, alternating who goes first
-                    pair = [(t_ours, run_ours), (t_theirs, run_theirs)]
-                    for times, fn in (pair if r % 2 == 0 else pair[::-1]):
+                    assert torch.equal(a, c), "the fast and the general path give different greedy tokens"
+                t_ours, t_general, t_theirs = [], [], []
+                for r in range(args.repeats):                             # interleaved, rotating who goes first
+                    trio = [(t_ours, run_ours), (t_general, run_general), (t_theirs, run_theirs)]
+                    for times, fn in trio[r % 3:] + trio[:r % 3]:
                         times.append(timed(fn, sync)[0])
             tokens = batch * NEW_TOKENS
-            ours_tps, theirs_tps = tokens / statistics.median(t_ours), tokens / statistics.median(t_theirs)
-            rows.append((batch, mode, ours_tps, theirs_tps))
-            print(f"{batch:>5} {mode:>7} {ours_tps:>14.0f} {theirs_tps:>19.0f} {ours_tps / theirs_tps:>6.2f}",
-                  flush=True)
+            ours_tps, general_tps, theirs_tps = (tokens / statistics.median(t) for t in (t_ours, t_general, t_theirs))
+            rows.append((batch, mode, ours_tps, general_tps, theirs_tps))
+            print(f"{batch:>5} {mode:>7} {ours_tps:>14.0f} {general_tps:>13.0f} {theirs_tps:>19.0f} "
+                  f"{ours_tps / theirs_tps:>6.2f} {general_tps / theirs_tps:>14.2f}", flush=True)
     if args.profile:
         profile_simbook(ours, device, min(args.batches))
     return rows

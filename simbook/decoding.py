@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from .attention.masks import causal_mask, unilm_mask
+from .models.gpt import GPT
+from .models.transformer import ACTIVATIONS
 from .utils import check_positive_int, check_tensor, optimizer_step
 
 # %% auto #0
-__all__ = ['DECODERS', 'DecodingOutput', 'StepDecoder', 'filter_log_probs', 'stream', 'greedy', 'sample', 'beam_search',
-           'self_terminating_log_probs', 'non_termination_ratio', 'repetition_stats', 'language_model_loss',
-           'train_language_model', 'perplexity', 'non_termination_ratios', 'non_termination_experiment',
-           'format_non_termination_table', 'register_cli']
+__all__ = ['DECODERS', 'DecodingOutput', 'StepDecoder', 'filter_log_probs', 'stream', 'greedy', 'sample', 'PackedGPT',
+           'beam_search', 'self_terminating_log_probs', 'non_termination_ratio', 'repetition_stats',
+           'language_model_loss', 'train_language_model', 'perplexity', 'non_termination_ratios',
+           'non_termination_experiment', 'format_non_termination_table', 'register_cli']
 
 # %% ../nbs/08_decoding.ipynb #c009
 @dataclass
@@ -39,21 +41,31 @@ class StepDecoder:
     """Token-by-token access to a language model with a KV cache: `prefill`, `step`, `reorder`.
 
     `layout` is "causal" (a language model) or "unilm" (a UniLM seq2seq BertLM); `self_terminating` is None or the
-    epsilon of the self-terminating output layer. Defined in: *Seq2seq that won't stop*, section "One step interface
-    for every model"."""
+    epsilon of the self-terminating output layer. `fast` (None: when possible) runs a GPT in eval mode through
+    `PackedGPT`; both roads give the same tokens. Defined in: *Seq2seq that won't stop*, section "One step
+    interface for every model"."""
 
-    def __init__(self, model, *, layout: str = "causal", self_terminating: float | None = None):
+    def __init__(self, model, *, layout: str = "causal", self_terminating: float | None = None,
+                 fast: bool | None = None):
         if layout not in ("causal", "unilm"):
             raise ValueError(f"layout must be 'causal' or 'unilm', got {layout!r}")
         if self_terminating is not None and not 0 < self_terminating < 1:
             raise ValueError(f"self_terminating epsilon must be in (0, 1), got {self_terminating}")
-        self.model, self.layout, self.epsilon = model, layout, self_terminating
+        if fast is not None and not isinstance(fast, bool):
+            raise TypeError(f"fast must be None, True or False, got {type(fast).__name__}")
+        self.model, self.layout, self.epsilon, self.fast = model, layout, self_terminating, fast
         self.vocab_size = model.config.vocab_size
         self.max_position = model.config.max_position
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def _use_fast_path(self) -> bool:
+        why_not = PackedGPT.unsupported(self.model) or ("the unilm layout" if self.layout == "unilm" else None)
+        if self.fast and why_not:
+            raise ValueError(f"fast=True, but the fast path cannot run {why_not}")
+        return self.fast is not False and why_not is None
 
     def _log_probs(self, logits: torch.Tensor, eos_id: int | None) -> torch.Tensor:
         if self.epsilon is None:
@@ -64,8 +76,10 @@ class StepDecoder:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
-                eos_id: int | None = None) -> torch.Tensor:
-        """Run the prompts `[B, T]` (right-padded, `valid [B, T]`); returns next-token log-probs `[B, V]`."""
+                eos_id: int | None = None, capacity: int | None = None) -> torch.Tensor:
+        """Run the prompts `[B, T]` (right-padded, `valid [B, T]`); returns next-token log-probs `[B, V]`.
+
+        `capacity` (optional) is the number of positions the fast path's cache reserves at once."""
         check_tensor(input_ids, "input_ids", shape=(None, None), dtype="int")
         if valid is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
@@ -73,34 +87,46 @@ class StepDecoder:
         if self.epsilon is not None and eos_id is None:
             raise ValueError("the self-terminating layer needs eos_id")
         B, T = input_ids.shape
+        self.lengths = valid.sum(1)                                  # next position id of each row
+        self.log_keep = torch.zeros(B, device=input_ids.device)      # the ST product starts after the prompt
+        self.packed = PackedGPT(self.model) if self._use_fast_path() else None
+        if self.packed is not None:
+            last = self.packed.prefill(input_ids, valid, self.lengths, capacity=capacity)
+            return self._log_probs(last, eos_id)
         segments = torch.zeros_like(input_ids)
         mask = unilm_mask(segments, valid) if self.layout == "unilm" else causal_mask(valid)
         self.cache = self.model.new_cache()
         self.cache_valid = valid.clone()
-        self.lengths = valid.sum(1)                                  # next position id of each row
+        self.longest = int(self.lengths.max())                       # the one host sync: checked before each step
         extra = {"segment_ids": segments} if self.layout == "unilm" else {}
         logits = self.model(input_ids, mask=mask, cache=self.cache, **extra).float()             # [B, T, V]
         last = logits[torch.arange(B, device=logits.device), self.lengths - 1]                # [B, V]
-        self.log_keep = torch.zeros(B, device=logits.device)          # the ST product starts after the prompt
         return self._log_probs(last, eos_id)
 
     @torch.no_grad()
     def step(self, next_ids: torch.Tensor, *, eos_id: int | None = None) -> torch.Tensor:
         """Append one token per row `[B]`; returns the next log-probs `[B, V]`."""
-        B = next_ids.shape[0]
-        if int(self.lengths.max()) >= self.max_position:
-            raise ValueError(f"generation reached the model's {self.max_position} positions")
-        self.cache_valid = torch.cat([self.cache_valid, torch.ones(B, 1, dtype=torch.bool, device=next_ids.device)], 1)
-        extra = {"segment_ids": torch.ones_like(next_ids[:, None])} if self.layout == "unilm" else {}
-        logits = self.model(next_ids[:, None], mask=self.cache_valid[:, None, :], position_ids=self.lengths[:, None],
-                            cache=self.cache, **extra)
+        if self.packed is not None:
+            last = self.packed.step(next_ids, self.lengths)
+        else:
+            if self.longest >= self.max_position:
+                raise ValueError(f"generation reached the model's {self.max_position} positions")
+            B = next_ids.shape[0]
+            self.cache_valid = torch.cat([self.cache_valid, next_ids.new_ones(B, 1, dtype=torch.bool)], 1)
+            extra = {"segment_ids": torch.ones_like(next_ids[:, None])} if self.layout == "unilm" else {}
+            last = self.model(next_ids[:, None], mask=self.cache_valid[:, None, :],
+                              position_ids=self.lengths[:, None], cache=self.cache, **extra)[:, -1]
+            self.longest += 1
         self.lengths = self.lengths + 1
-        return self._log_probs(logits[:, -1], eos_id)
+        return self._log_probs(last, eos_id)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search)."""
-        self.cache.reorder(index)
-        self.cache_valid = self.cache_valid.index_select(0, index)
+        if self.packed is not None:
+            self.packed.reorder(index)
+        else:
+            self.cache.reorder(index)
+            self.cache_valid = self.cache_valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
         self.log_keep = self.log_keep.index_select(0, index)
 
@@ -242,6 +268,123 @@ def sample(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | 
                            min_new_tokens=min_new_tokens, pad_id=pad_id, choose=choose), eos_id, pad_id)
 
 # %% ../nbs/08_decoding.ipynb #c017
+class PackedGPT:
+    """A GPT in eval mode run with packed weights and a preallocated KV cache: `prefill(ids, valid, lengths)` and
+    `step(next_ids, positions)` return the last hidden position's logits `[B, V]`; `reorder(index)` keeps rows.
+
+    Defined in: *Seq2seq that won't stop*, section "A fast path for GPT: packed weights and a preallocated cache"."""
+
+    @staticmethod
+    def unsupported(model) -> str | None:
+        """Why `model` cannot take the fast path, or None if it can."""
+        if not isinstance(model, GPT):
+            return f"a {type(model).__name__} (only a simbook GPT)"
+        if model.config.attention != "softmax":
+            return f"attention={model.config.attention!r} (only softmax attention)"
+        if model.training:
+            return "a model in training mode (dropout); call model.eval()"
+        return None
+
+    def __init__(self, model: GPT):
+        why_not = self.unsupported(model)
+        if why_not:
+            raise ValueError(f"PackedGPT cannot run {why_not}")
+        config = model.config
+        self.heads, self.head_dim, self.width = config.num_heads, config.head_dim, config.hidden_size
+        self.activation = ACTIVATIONS[config.activation]
+        self.token, self.position = model.token.weight, model.position.weight
+        self.segment = None if model.segment is None else model.segment.weight[0]   # the decoder's segment id is 0
+        self.final_norm = model.stack.final_norm
+        self.eps = config.layer_norm_eps
+        self.final_norm = (model.stack.final_norm.weight, model.stack.final_norm.bias)
+        self.layers = []                           # plain tensors: F.* calls skip the nn.Module machinery
+        for layer in model.stack.layers:
+            a, ffn = layer.attention, layer.ffn
+            self.layers.append((
+                layer.attention_norm.weight, layer.attention_norm.bias,
+                torch.cat([a.query.weight, a.key.weight, a.value.weight]),          # [3C, C]: one product
+                torch.cat([a.query.bias, a.key.bias, a.value.bias]),
+                a.output.weight, a.output.bias, layer.ffn_norm.weight, layer.ffn_norm.bias,
+                ffn.up.weight, ffn.up.bias, ffn.down.weight, ffn.down.bias))
+
+    def _allocate(self, batch: int, capacity: int) -> None:
+        weight = self.token
+        shape = (batch, self.heads, capacity, self.head_dim)
+        self.keys = [weight.new_zeros(shape) for _ in self.layers]
+        self.values = [weight.new_zeros(shape) for _ in self.layers]
+        self.slot_valid = torch.ones(batch, capacity, dtype=torch.bool, device=weight.device)
+
+    def _grow(self, needed: int) -> None:
+        old = self.keys[0].shape[2]
+        if needed <= old:
+            return
+        capacity = max(needed, 2 * old)                             # amortised: O(log L) copies in all
+        keys, values, slot_valid = self.keys, self.values, self.slot_valid
+        self._allocate(keys[0].shape[0], capacity)
+        for new, saved in zip(self.keys + self.values, keys + values):
+            new[:, :, :old] = saved
+        self.slot_valid[:, :old] = slot_valid
+
+    def _run(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states `[B, T, C]` of `ids [B, T]` written at cache slots `self.filled ...`."""
+        B, T = ids.shape
+        start, end = self.filled, self.filled + T
+        h = F.embedding(ids, self.token) + F.embedding(positions, self.position)
+        if self.segment is not None:
+            h = h + self.segment
+        C = (self.width,)
+        for i, (n1_w, n1_b, qkv_w, qkv_b, out_w, out_b, n2_w, n2_b, up_w, up_b, down_w, down_b) in enumerate(self.layers):
+            qkv = F.linear(F.layer_norm(h, C, n1_w, n1_b, self.eps), qkv_w, qkv_b)       # [B, T, 3C]
+            q, k, v = qkv.view(B, T, 3, self.heads, self.head_dim).transpose(1, 3).unbind(2)  # 3 x [B, H, T, D]
+            self.keys[i][:, :, start:end] = k                               # written in place, no torch.cat
+            self.values[i][:, :, start:end] = v
+            attended = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end],
+                                                      attn_mask=mask, is_causal=mask is None and T > 1)
+            h = h + F.linear(attended.transpose(1, 2).reshape(B, T, self.width), out_w, out_b)
+            h = h + F.linear(self.activation(F.linear(F.layer_norm(h, C, n2_w, n2_b, self.eps), up_w, up_b)),
+                             down_w, down_b)
+        self.filled = end
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.layer_norm(h, (self.width,), *self.final_norm, self.eps), self.token)   # tied head
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, valid: torch.Tensor, lengths: torch.Tensor, *,
+                capacity: int | None = None) -> torch.Tensor:
+        """Run right-padded prompts `[B, T]` into a fresh cache; logits of each row's last real token `[B, V]`."""
+        B, T = ids.shape
+        if T > self.position.shape[0]:
+            raise ValueError(f"{T} positions exceed the position table (max_position={self.position.shape[0]})")
+        reserve = 128 if capacity is None else check_positive_int(capacity, "capacity")
+        self._allocate(B, max(T + 1, reserve if capacity is not None else T + reserve))   # grows by doubling
+        self.slot_valid[:, :T] = valid
+        self.padded = not bool(valid.all())                          # host sync once, at prefill
+        self.longest = int(lengths.max())
+        self.filled = 0
+        mask = causal_mask(valid)[:, None] if self.padded else None  # [B, 1, T, T] or is_causal
+        positions = torch.arange(T, device=ids.device).expand(B, T)
+        h = self._run(ids, positions, mask)
+        return self._logits(h[torch.arange(B, device=ids.device), lengths - 1])
+
+    @torch.no_grad()
+    def step(self, next_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Append one token per row `[B]` at position ids `[B]`; next-token logits `[B, V]`."""
+        if self.longest >= self.position.shape[0]:
+            raise ValueError(f"generation reached the model's {self.position.shape[0]} positions")
+        self._grow(self.filled + 1)
+        mask = self.slot_valid[:, None, None, :self.filled + 1] if self.padded else None   # [B, 1, 1, slots]
+        h = self._run(next_ids[:, None], positions[:, None], mask)
+        self.longest += 1
+        return self._logits(h[:, -1])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (beam search)."""
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.slot_valid = self.slot_valid.index_select(0, index)
+
+# %% ../nbs/08_decoding.ipynb #c021
 def beam_search(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
                 beam_width: int, max_new_tokens: int, eos_id: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return: int = 1, min_new_tokens: int = 0,
@@ -322,7 +465,7 @@ def beam_search(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tens
     finished = (tokens.gather(1, (lengths - 1)[:, None])[:, 0] == eos_id)
     return DecodingOutput(tokens, lengths, finished, best_scores[:, :num_return].reshape(-1))
 
-# %% ../nbs/08_decoding.ipynb #c020
+# %% ../nbs/08_decoding.ipynb #c024
 def self_terminating_log_probs(logits: torch.Tensor, eos_id: int, epsilon: float,
                                initial_log_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Self-terminating output layer (Welleck et al. 2020) on ordinary logits `[B, T, V]`.
@@ -350,7 +493,7 @@ def self_terminating_log_probs(logits: torch.Tensor, eos_id: int, epsilon: float
     log_probs[..., eos_id] = log_eos
     return log_probs, log_keep
 
-# %% ../nbs/08_decoding.ipynb #c023
+# %% ../nbs/08_decoding.ipynb #c027
 def non_termination_ratio(output: DecodingOutput) -> float:
     """Share of rows that reached the length cap without `<eos>`. Defined in: *Seq2seq that won't stop*, section
     "Measuring non-termination"."""
@@ -377,7 +520,7 @@ def repetition_stats(sequences: list[list[int]], n: int = 4) -> dict:
     return {f"repeated_{n}grams": repeated / total if total else 0.0,
             "distinct_1": len(unigrams) / n1 if n1 else 0.0, "distinct_2": len(bigrams) / n2 if n2 else 0.0}
 
-# %% ../nbs/08_decoding.ipynb #c025
+# %% ../nbs/08_decoding.ipynb #c029
 def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *,
                         self_terminating: float | None = None, eos_id: int | None = None) -> torch.Tensor:
     """Mean negative log-likelihood of every next token (position t predicts t+1 where `valid[t+1]`), with the
@@ -411,6 +554,8 @@ def train_language_model(model, tokenizer, sentences: list[str], *, steps: int =
 
     check_positive_int(steps, "steps")
     check_positive_int(batch_size, "batch_size")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
     if len(sentences) < batch_size:
         raise ValueError(f"need at least batch_size={batch_size} sentences, got {len(sentences)}")
     generator = torch.Generator().manual_seed(seed)
@@ -472,10 +617,11 @@ def non_termination_ratios(model, tokenizer, prompts: torch.Tensor, *, max_new_t
         ratios[name] = non_termination_ratio(out)
     return ratios
 
-# %% ../nbs/08_decoding.ipynb #c026
+# %% ../nbs/08_decoding.ipynb #c030
 def non_termination_experiment(*, steps: int = 500, width: int = 64, layers: int = 2, cap: int = 100,
                                epsilon: float = 0.01, num_prompts: int = 100, prompt_chars: int = 4,
-                               max_chars: int = 80, vocab: int = 1500, seed: int = 0, progress: bool = False) -> dict:
+                               max_chars: int = 80, vocab: int = 1500, lr: float = 3e-3, seed: int = 0,
+                               progress: bool = False) -> dict:
     """Train a vanilla and a self-terminating GPT on People's Daily paragraphs, then measure the non-termination
     ratio of every decoder in `DECODERS` and the held-out perplexity of each.
 
@@ -500,8 +646,8 @@ def non_termination_experiment(*, steps: int = 500, width: int = 64, layers: int
         model = GPT(TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, num_layers=layers,
                                       num_heads=4, intermediate_size=4 * width, max_position=max(256, cap + 16),
                                       dropout=0.0, pre_norm=True, activation="gelu_tanh"))
-        train_language_model(model, tokenizer, train_text, steps=steps, max_chars=max_chars, self_terminating=eps,
-                             seed=seed, progress=progress)
+        train_language_model(model, tokenizer, train_text, steps=steps, lr=lr, max_chars=max_chars,
+                             self_terminating=eps, seed=seed, progress=progress)
         results[name] = {"perplexity": perplexity(model, tokenizer, test_text, max_chars=max_chars,
                                                   self_terminating=eps),
                          **non_termination_ratios(model, tokenizer, prompts, max_new_tokens=cap,
@@ -523,7 +669,7 @@ def format_non_termination_table(results: dict) -> str:
 
 def _run_cli(args) -> int:
     results = non_termination_experiment(steps=args.steps, width=args.width, layers=args.layers, cap=args.cap,
-                                         epsilon=args.epsilon, num_prompts=args.prompts, seed=args.seed,
+                                         epsilon=args.epsilon, num_prompts=args.prompts, lr=args.lr, seed=args.seed,
                                          progress=not args.no_progress)
     print(f"non-termination ratio at L={args.cap} over {args.prompts} held-out prompts; held-out perplexity")
     print(format_non_termination_table(results))
@@ -541,6 +687,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--layers", type=int, default=2, help="Transformer layers (default: 2)")
     p.add_argument("--cap", type=int, default=100, help="length cap L in generated tokens (default: 100)")
     p.add_argument("--epsilon", type=float, default=0.01, help="epsilon of the ST layer (default: 0.01)")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
     p.add_argument("--prompts", type=int, default=100, help="held-out prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")

@@ -222,11 +222,12 @@ def test_gpt2_logits_equal_transformers(gpt2):
         torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["packed", "general"])
 @pytest.mark.parametrize("min_new_tokens", [0, 4])
-def test_greedy_equals_transformers_generate(gpt2, min_new_tokens):
+def test_greedy_equals_transformers_generate(gpt2, min_new_tokens, fast):
     hf, ours, eos = gpt2
     ids = _ids(6, 5, vocab=101, seed=1, low=2)
-    out = greedy(StepDecoder(ours), ids, max_new_tokens=16, eos_id=eos, min_new_tokens=min_new_tokens, pad_id=PAD)
+    out = greedy(StepDecoder(ours, fast=fast), ids, max_new_tokens=16, eos_id=eos, min_new_tokens=min_new_tokens, pad_id=PAD)
     ref = _hf_generate(hf, ids, max_new_tokens=16, min_new_tokens=min_new_tokens, do_sample=False, num_beams=1,
                        eos_token_id=eos)
     assert out.tokens.tolist() == ref[:, ids.shape[1]:].tolist()
@@ -249,11 +250,12 @@ def test_greedy_without_eos_equals_transformers_and_uncached_loop(gpt2):
         assert got == _brute_force_greedy(next_logits, prompt, 20)
 
 
-def test_greedy_padded_batch_equals_each_prompt_alone(gpt2):
+@pytest.mark.parametrize("fast", [True, False], ids=["packed", "general"])
+def test_greedy_padded_batch_equals_each_prompt_alone(gpt2, fast):
     hf, ours, eos = gpt2
     prompts = [[5, 17, 88, 3], [42], [7, 7, 60, 23, 99, 11, 4], [30, 31]]
     ids, valid = _pad_batch(prompts, pad=PAD)
-    batch = greedy(StepDecoder(ours), ids, valid, max_new_tokens=14, eos_id=eos, pad_id=PAD)
+    batch = greedy(StepDecoder(ours, fast=fast), ids, valid, max_new_tokens=14, eos_id=eos, pad_id=PAD)
     for prompt, got in zip(prompts, batch.to_lists()):
         alone = torch.tensor([prompt])
         assert got == greedy(StepDecoder(ours), alone, max_new_tokens=14, eos_id=eos, pad_id=PAD).to_lists()[0]
@@ -265,11 +267,12 @@ def test_greedy_padded_batch_equals_each_prompt_alone(gpt2):
 @pytest.mark.parametrize("early_stopping", [False, True, "never"])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.0, 2.0])
 @pytest.mark.parametrize("width", [2, 4])
-def test_beam_search_equals_transformers_generate(gpt2, width, length_penalty, early_stopping, num_return):
+@pytest.mark.parametrize("fast", [True, False], ids=["packed", "general"])
+def test_beam_search_equals_transformers_generate(gpt2, fast, width, length_penalty, early_stopping, num_return):
     hf, ours, eos = gpt2
     R = 1 if num_return == "one" else width
     ids = _ids(3, 5, vocab=101, seed=1, low=2)
-    out = beam_search(StepDecoder(ours), ids, beam_width=width, max_new_tokens=12, eos_id=eos,
+    out = beam_search(StepDecoder(ours, fast=fast), ids, beam_width=width, max_new_tokens=12, eos_id=eos,
                       length_penalty=length_penalty, early_stopping=early_stopping, num_return=R, pad_id=PAD)
     ref = _hf_generate(hf, ids, max_new_tokens=12, do_sample=False, num_beams=width, num_return_sequences=R,
                        length_penalty=length_penalty, early_stopping=early_stopping, eos_token_id=eos,
@@ -714,6 +717,119 @@ def test_repetition_stats_of_short_and_empty_sequences():
         repetition_stats([[1, 2]], n=0)
     with pytest.raises(TypeError, match="n"):
         repetition_stats([[1, 2]], n=2.0)
+
+
+# ------------------------------------------------------------------- the fast path (PackedGPT) vs the general one
+
+def _gpt(seed=0, vocab=37, width=32, heads=4, layers=2, max_position=48, segments=False, activation="gelu_tanh"):
+    from simbook.models.gpt import GPT
+    torch.manual_seed(seed)
+    config = TransformerConfig(vocab_size=vocab, hidden_size=width, num_layers=layers, num_heads=heads,
+                               intermediate_size=2 * width, max_position=max_position, dropout=0.0, pre_norm=True,
+                               activation=activation)
+    model = GPT(config, segments=segments).eval()
+    with torch.no_grad():                                    # wider logits than the default init: fewer near-ties
+        model.token.weight.mul_(8)
+    return model
+
+
+@st.composite
+def _fast_path_cases(draw):
+    heads = draw(st.sampled_from([1, 2, 4]))
+    model_kw = dict(seed=draw(st.integers(0, 2**16)), vocab=draw(st.integers(5, 40)), width=heads * draw(st.sampled_from([4, 8])),
+                    heads=heads, layers=draw(st.integers(1, 3)), segments=draw(st.booleans()),
+                    activation=draw(st.sampled_from(["gelu", "gelu_tanh", "relu"])))
+    lengths = draw(st.lists(st.integers(1, 9), min_size=1, max_size=4))
+    prompts = [draw(st.lists(st.integers(0, model_kw["vocab"] - 1), min_size=n, max_size=n)) for n in lengths]
+    return model_kw, prompts, draw(st.integers(1, 12)), draw(st.sampled_from([None, 1, 7]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fast_path_cases())
+def test_fast_path_log_probs_equal_the_general_path(case):
+    """prefill/step/reorder of the packed path give the general path's log-probs, with padding, any layer count,
+    activation, segment embeddings, and a cache that must grow (capacity 1)."""
+    model_kw, prompts, steps, capacity = case
+    model = _gpt(**model_kw)
+    ids, valid = _pad_batch(prompts)
+    fast, general = StepDecoder(model, fast=True), StepDecoder(model, fast=False)
+    a, b = fast.prefill(ids, valid, capacity=capacity), general.prefill(ids, valid)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    generator = torch.Generator().manual_seed(model_kw["seed"])
+    for t in range(steps):
+        token = torch.multinomial(b.exp(), 1, generator=generator)[:, 0]       # any tokens, not only likely ones
+        a, b = fast.step(token), general.step(token)
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+        if t == steps // 2:                                                    # beam search's row shuffling
+            index = torch.randint(len(prompts), (len(prompts),), generator=generator)
+            fast.reorder(index)
+            general.reorder(index)
+    assert fast.packed is not None and general.packed is None
+
+
+@pytest.mark.parametrize("self_terminating", [None, 0.2])
+def test_fast_path_tokens_equal_the_general_path_for_every_decoder(self_terminating):
+    model = _gpt(seed=3, vocab=23)
+    ids, valid = _pad_batch([[4, 9, 1], [7], [2, 2, 2, 2, 5]])
+    for run in (lambda d: greedy(d, ids, valid, max_new_tokens=15, eos_id=3),
+                lambda d: beam_search(d, ids, valid, beam_width=3, max_new_tokens=15, eos_id=3, num_return=3),
+                lambda d: sample(d, ids, valid, max_new_tokens=15, eos_id=3, top_k=5, top_p=0.9,
+                                 generator=torch.Generator().manual_seed(0))):
+        fast = run(StepDecoder(model, self_terminating=self_terminating))
+        general = run(StepDecoder(model, self_terminating=self_terminating, fast=False))
+        assert fast.tokens.tolist() == general.tokens.tolist()
+        assert fast.lengths.tolist() == general.lengths.tolist()
+
+
+def test_fast_path_is_taken_only_where_it_applies(bert):
+    model = _gpt()
+    ids = _ids(2, 3, vocab=37)
+    decoder = StepDecoder(model)
+    decoder.prefill(ids)
+    assert decoder.packed is not None                               # default: a GPT in eval mode goes fast
+    decoder = StepDecoder(bert)
+    decoder.prefill(_ids(2, 3))
+    assert decoder.packed is None                                   # a BertLM takes the general road
+    with pytest.raises(ValueError, match="only a simbook GPT"):
+        StepDecoder(bert, fast=True).prefill(_ids(2, 3))
+    with pytest.raises(ValueError, match="unilm layout"):
+        StepDecoder(model, layout="unilm", fast=True).prefill(ids)
+    model.train()
+    try:
+        decoder = StepDecoder(model)
+        decoder.prefill(ids)
+        assert decoder.packed is None                               # dropout is live: the general road
+        with pytest.raises(ValueError, match="training mode"):
+            StepDecoder(model, fast=True).prefill(ids)
+    finally:
+        model.eval()
+    with pytest.raises(TypeError, match="fast"):
+        StepDecoder(model, fast="yes")
+    with pytest.raises(ValueError, match="capacity"):
+        StepDecoder(model).prefill(ids, capacity=0)
+
+
+def test_fast_path_reads_the_weights_afresh_at_each_prefill():
+    """Packing copies q/k/v into one matrix: a model trained between two calls must be decoded with its new weights."""
+    model = _gpt(seed=1)
+    ids = _ids(2, 4, vocab=37)
+    decoder = StepDecoder(model)
+    before = decoder.prefill(ids)
+    with torch.no_grad():
+        for layer in model.stack.layers:
+            layer.attention.value.weight.normal_(generator=torch.Generator().manual_seed(5))
+    after = decoder.prefill(ids)
+    torch.testing.assert_close(after, StepDecoder(model, fast=False).prefill(ids), atol=2e-5, rtol=0)
+    assert (after - before).abs().max() > 1e-2
+
+
+def test_fast_path_stops_at_the_position_table():
+    model = _gpt(max_position=10)
+    decoder = StepDecoder(model, fast=True)
+    log_probs = decoder.prefill(_ids(1, 9, vocab=37))
+    log_probs = decoder.step(log_probs.argmax(-1))                  # position 9: the last one
+    with pytest.raises(ValueError, match="10 positions"):
+        decoder.step(log_probs.argmax(-1))
 
 
 # ------------------------------------------------------------------------------------------ argument checks
