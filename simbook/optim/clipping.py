@@ -94,8 +94,8 @@ def _check_gradients(tensors, name: str = "tensors") -> list[torch.Tensor]:
 
 def global_norm(tensors: torch.Tensor | Iterable[torch.Tensor]) -> float:
     """The L2 norm of all `tensors` taken together, √(Σ_t Σ_i t_i²). Rows of `ROW` values are reduced in fp32 and
-    the row results added in fp64, so the relative error stays at fp32 rounding of one short sum (≲1e-7) however
-    many values there are. It is inf or NaN only if a value is: a finite result too large for fp32 squares is
+    the row results added in fp64, so the relative error stays at the fp32 rounding of one short sum (order 1e-7)
+    however many values there are. It is inf or NaN only if a value is: a finite result too large for fp32 squares is
     recomputed in fp64.
 
     Defined in: *Why gradient clipping speeds up training*, section "The global norm, accurate and fast"."""
