@@ -255,8 +255,8 @@ def test_aggregate_posterior_samples_moments():
 
 def test_confident_share_and_label_distance():
     class Fixed(torch.nn.Module):
-        def forward(self, x):                                 # class = brightest quarter, confidence from contrast
-            return 20 * x.reshape(-1, 28, 28)[:, ::14, ::14].reshape(-1, 4)
+        def forward(self, x):                                 # class = brightest quadrant, confidence from contrast
+            return 200 * x.reshape(-1, 2, 14, 2, 14).mean((2, 4)).reshape(-1, 4)
 
     x, labels = _digits(40)
     judge = Fixed()
@@ -264,6 +264,7 @@ def test_confident_share_and_label_distance():
     assert confident_share(judge, torch.full((5, 784), 0.5)) == 0.0
     assert label_distance(judge, x, x) == 0
     assert label_distance(judge, x[labels == 0], x[labels == 1]) == 1
+    assert label_distance(judge, x[labels < 2], x[labels < 3]) == pytest.approx(1 / 3)
     assert label_distance(judge, x[labels < 2], x[labels < 3]) == pytest.approx(1 / 3)
 
 

@@ -425,8 +425,9 @@ class DigitClassifier(nn.Module):
 
 def train_classifier(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, batch_size: int = 100,
                      lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
-    """Train a `DigitClassifier` on digits `x` `[N, 784]` with labels `y` `[N]`. Defined in: *A geometric view of the
-    VAE*, section "Do prior samples look like digits?"."""
+    """Train a `DigitClassifier` on digits `x` `[N, 784]` with labels `y` `[N]`.
+
+    Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
     check_pixels(x, "x")
     check_tensor(y, "y", shape=(len(x),), dtype="int")
     if y.min() < 0:
