@@ -137,6 +137,18 @@ def test_reparameterize_distribution_and_clamp():
     assert torch.isfinite(huge).all() and huge.std().item() == pytest.approx(math.exp(5), rel=0.05)
 
 
+def test_reparameterize_any_shape_and_checks():
+    z = reparameterize(torch.zeros(3), torch.zeros(3), torch.Generator().manual_seed(0))
+    assert z.shape == (3,)
+    assert reparameterize(torch.zeros(2, 4, 5), torch.zeros(2, 4, 5)).shape == (2, 4, 5)
+    with pytest.raises(ValueError, match="logvar has size"):
+        reparameterize(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(TypeError, match="mu must have a float dtype"):
+        reparameterize(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="mu must have a float dtype"):
+        kl_to_standard_normal(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3))
+
+
 def test_reparameterize_fresh_noise_per_entry():
     z = reparameterize(torch.zeros(4, 3), torch.zeros(4, 3), torch.Generator().manual_seed(0))
     assert len(set(z.flatten().tolist())) == 12

@@ -120,7 +120,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Gene
     clamped to `LOGVAR_RANGE`. Gradients flow to `mu` and `logvar`.
 
     Defined in: *A geometric view of the VAE*, section "From points to ellipses"."""
-    check_tensor(mu, "mu", shape=(None, None), dtype="float")
+    check_tensor(mu, "mu", dtype="float")
     check_tensor(logvar, "logvar", shape=tuple(mu.shape), dtype="float")
     eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
     return mu + eps * (0.5 * logvar.clamp(*LOGVAR_RANGE)).exp()
@@ -129,6 +129,7 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Gene
 def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, diag exp(logvar)) || N(0, I)) per latent dimension: 0.5 (mu^2 + sigma^2 - log sigma^2 - 1), shape of
     `mu` `[B, d]`. Defined in: *A geometric view of the VAE*, section "Pulling every ellipse towards the unit ball"."""
+    check_tensor(mu, "mu", dtype="float")
     check_tensor(logvar, "logvar", shape=tuple(mu.shape), dtype="float")
     return 0.5 * (mu.pow(2) + logvar.exp() - logvar - 1.0)
 
@@ -137,6 +138,7 @@ def naive_regulariser(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """The post's first guess per latent dimension: mu^2 + (sigma - 1)^2, `[B, d]`.
 
     Defined in: *A geometric view of the VAE*, section "Pulling every ellipse towards the unit ball"."""
+    check_tensor(mu, "mu", dtype="float")
     check_tensor(logvar, "logvar", shape=tuple(mu.shape), dtype="float")
     return mu.pow(2) + ((0.5 * logvar).exp() - 1.0).pow(2)
 
