@@ -122,7 +122,8 @@ def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Gene
     Defined in: *A geometric view of the VAE*, section "From points to ellipses"."""
     check_tensor(mu, "mu", dtype="float")
     check_tensor(logvar, "logvar", shape=tuple(mu.shape), dtype="float")
-    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+    noise_device = mu.device if generator is None else generator.device      # a CPU generator may drive GPU codes
+    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=noise_device).to(mu.device)
     return mu + eps * (0.5 * logvar.clamp(*LOGVAR_RANGE)).exp()
 
 # %% ../../nbs/13_vae.ipynb #c014
@@ -260,7 +261,8 @@ class VAE(nn.Module):
         """Decode `n` draws of the prior N(0, I): `[n, input_dim]`."""
         check_positive_int(n, "n")
         device = next(self.parameters()).device
-        return self.decode(torch.randn(n, self.config.latent_dim, generator=generator, device=device))
+        noise_device = device if generator is None else generator.device
+        return self.decode(torch.randn(n, self.config.latent_dim, generator=generator, device=noise_device).to(device))
 
     @torch.no_grad()
     def interpolate(self, x_a: torch.Tensor, x_b: torch.Tensor, steps: int = 8) -> torch.Tensor:
@@ -478,6 +480,7 @@ def evaluate_vae(model: VAE, x: torch.Tensor, classifier: nn.Module | None = Non
 
     Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
     check_pixels(x, "x", dim=model.config.input_dim)
+    x = x.to(next(model.parameters()).device)
     generator = torch.Generator().manual_seed(seed)
     mu, logvar = encode_all(model, x)
     nan = float("nan")
@@ -490,9 +493,10 @@ def evaluate_vae(model: VAE, x: torch.Tensor, classifier: nn.Module | None = Non
                           torch.randn(samples, model.config.latent_dim, generator=generator)),
                "gaussian kl": gaussian_fit_kl(mu, logvar)}
     if classifier is not None:
-        drawn = model.sample(samples, generator)
+        judge_device = next(classifier.parameters()).device
+        drawn = model.sample(samples, generator).to(judge_device)
         metrics["confident"] = confident_share(classifier, drawn)
-        metrics["label distance"] = label_distance(classifier, drawn, x)
+        metrics["label distance"] = label_distance(classifier, drawn, x.to(judge_device))
     return metrics
 
 
