@@ -7,7 +7,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-CLI_MODULES = ["simbook.seq2seq", "simbook.decoding"]
+CLI_MODULES = ["simbook.seq2seq", "simbook.decoding", "simbook.optim.mgs"]
 
 
 def build_parser() -> argparse.ArgumentParser:
