@@ -116,7 +116,7 @@ def test_importance_sampled_mean_is_the_newton_step_on_a_quadratic():
 def test_tilted_mean_is_the_levenberg_marquardt_step_on_a_quadratic():
     point, sigma = Point(torch.zeros(3)), 0.5
     grad = H @ (torch.zeros(3) - MINIMUM)
-    for alpha in (5.0, 0.5):
+    for alpha in (1.0, 0.2):
         step = mgs_direction(point, _quadratic(point, H, MINIMUM), None, num_candidates=100_000, alpha=alpha,
                              noise=sigma, generator=torch.Generator().manual_seed(1)).direction["x"]
         exact = -torch.linalg.solve(alpha / sigma**2 * torch.eye(3) + H, grad)
@@ -307,7 +307,7 @@ def test_rejects_bad_surrogate_and_options(setup):
 
 
 def test_rejects_bad_shapes_and_hessians():
-    with pytest.raises(ValueError, match="task_losses has size"):
+    with pytest.raises(ValueError, match="log_proposal has size"):
         importance_weights(torch.zeros(3), torch.zeros(2), 1.0)
     with pytest.raises(TypeError, match="float dtype"):
         importance_weights(torch.zeros(3, dtype=torch.long), torch.zeros(3), 1.0)
@@ -322,3 +322,24 @@ def test_rejects_bad_shapes_and_hessians():
     with pytest.raises(ValueError, match="shape"):
         with loaded_parameters(Point(torch.zeros(2)), {"x": torch.zeros(3)}):
             pass
+
+
+# --- the command ------------------------------------------------------------------------------------------------------
+
+def test_cli_refuses_bad_values_in_one_line(capsys):
+    from simbook.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["mgs", "--steps", "0", "--no-progress"])
+    assert e.value.code == 2 and "finetune_steps must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["mgs", "--alpha", "0", "--pretrain-steps", "1", "--steps", "1", "--prompts", "4", "--no-progress"])
+    assert e.value.code == 2 and "alpha" in capsys.readouterr().err
+
+
+def test_cli_tiny_run_prints_the_table(capsys):
+    from simbook.cli import main
+    assert main(["mgs", "--pretrain-steps", "2", "--steps", "2", "--prompts", "4", "--cap", "8", "--width", "16",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    for word in ("pretrained", "MLE", "MGS", "repeat-4", "perplexity", "effective sample size"):
+        assert word in out

@@ -266,7 +266,7 @@ def mgs_direction(model: nn.Module, task_loss: Callable[[Params], torch.Tensor],
     deviation `noise` per coordinate, or, with `relative_noise`, `noise` times the mean $|u|$ of each tensor (the
     official code's choice). `weighting="importance"` divides by the proposal density (the estimate of the post's
     unrestricted mean, degenerate in high dimension); `"tilted"` does not, which estimates the mean of
-    $q(\Delta)\,e^{-\ell(\theta+\Delta)/\alpha}$: the proposal then plays the part of the post's ball.
+    $q(\\Delta)\\,e^{-\\ell(\\theta+\\Delta)/\\alpha}$: the proposal then plays the part of the post's ball.
     The model is not changed; see `apply_direction`.
 
     Defined in: *Optimisation seen through sampling*, section "MGS: a proposal guided by the MLE gradient"."""
@@ -438,10 +438,10 @@ def repetition_experiment(*, pretrain_steps: int = 150, finetune_steps: int = 30
                           progress: bool = False) -> dict:
     """The paper's sequence-level experiment at toy scale. Pretrain a GPT by maximum likelihood on People's Daily
     paragraphs (`train_language_model`, AdamW at `lr`), then continue from the same weights, on the same minibatches,
-    in two ways for `finetune_steps` steps: MLE only (the MLE-gradient step $u=-\eta g$, $g$ clipped to norm 1,
-    $\eta$ = `step_size`), and MGS on the task loss "share of repeated 4-grams in the greedy continuations of the
+    in two ways for `finetune_steps` steps: MLE only (the MLE-gradient step $u=-\\eta g$, $g$ clipped to norm 1,
+    $\\eta$ = `step_size`), and MGS on the task loss "share of repeated 4-grams in the greedy continuations of the
     minibatch's prompts" (K = `num_candidates`, half around $u$, half around 0, noise `noise` relative to $u$,
-    temperature `alpha`, the step $\Delta^*$ applied as it is). Report, on `num_prompts` held-out prompts decoded
+    temperature `alpha`, the step $\\Delta^*$ applied as it is). Report, on `num_prompts` held-out prompts decoded
     greedily up to `cap` tokens, the repetition, non-termination and mean length, and the held-out perplexity.
 
     Returns `{"pretrained" | "MLE" | "MGS": {metric: value}, "mgs_trace": [...], "tokenizer", "models"}`.
@@ -451,8 +451,12 @@ def repetition_experiment(*, pretrain_steps: int = 150, finetune_steps: int = 30
     from simbook.models.transformer import TransformerConfig
 
     for name, value in [("pretrain_steps", pretrain_steps), ("finetune_steps", finetune_steps),
-                        ("num_prompts", num_prompts), ("cap", cap)]:
+                        ("num_prompts", num_prompts), ("cap", cap), ("num_candidates (K)", num_candidates)]:
         check_positive_int(value, name)
+    _check_alpha(alpha)                                 # refuse bad settings before minutes of pretraining
+    for name, value in [("noise", noise), ("step_size", step_size)]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive finite number, got {value}")
     paragraphs = peoples_daily(unit="paragraph", min_chars=prompt_chars + 6, max_chars=max_chars)
     tokenizer = CharTokenizer.build(paragraphs, max_size=vocab + 5)
     known = set(tokenizer._id_to_token)
