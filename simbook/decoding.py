@@ -131,11 +131,13 @@ class StepDecoder:
         self.log_keep = self.log_keep.index_select(0, index)
 
 # %% ../nbs/08_decoding.ipynb #c011
-def _candidates(log_probs: torch.Tensor, top_k, top_p, consistent, eos_id) -> tuple[torch.Tensor, torch.Tensor]:
+def _candidates(log_probs: torch.Tensor, top_k, top_p, consistent, eos_id,
+                normalised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate set as (log-probs, token ids) `[B, C]`, most probable first; -inf marks dropped columns."""
     check_tensor(log_probs, "log_probs", shape=(None, None), dtype="float")
     V = log_probs.shape[-1]
-    log_probs = log_probs.log_softmax(-1)                            # callers may pass scaled logits
+    if not normalised:                                               # callers may pass scaled logits
+        log_probs = log_probs.log_softmax(-1)
     if top_k is not None:
         check_positive_int(top_k, "top_k")
         values, index = log_probs.topk(min(top_k, V), dim=-1)        # exactly k, sorted
@@ -204,7 +206,7 @@ def stream(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | 
            choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every row `[B]` at each step; rows that ended yield `pad_id`.
 
-    `choose` maps log-probs `[B, V]` to tokens `[B]` (default: argmax, i.e. greedy). Stops when every row has
+    `choose` maps (normalised) log-probs `[B, V]` to tokens `[B]` (default: argmax, i.e. greedy). Stops when every row has
     emitted `eos_id` or after `max_new_tokens`; `<eos>` is forbidden before `min_new_tokens`.
     Defined in: *Seq2seq that won't stop*, section "Greedy decoding and sampling, streamed"."""
     valid = _check_decoding_args(decoder, input_ids, valid, max_new_tokens, min_new_tokens, eos_id, pad_id)
@@ -218,9 +220,9 @@ def stream(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | 
             if t < max_new_tokens - 1:
                 log_probs = decoder.step(tokens)
             continue
-        if t < min_new_tokens:
-            log_probs = log_probs.clone()
-            log_probs[:, eos_id] = float("-inf")
+        if t < min_new_tokens:                            # forbid <eos>, renormalise what is left
+            log_probs = log_probs.index_fill(1, torch.tensor([eos_id], device=log_probs.device),
+                                             float("-inf")).log_softmax(-1)
         tokens = torch.where(done, pad_id, choose(log_probs))
         yield tokens
         done |= tokens == eos_id
@@ -265,7 +267,10 @@ def sample(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | 
         raise ValueError("consistent sampling needs top_k or top_p (plain ancestral sampling is already consistent)")
 
     def choose(log_probs):                                         # draw among the candidates only: cheaper
-        values, index = _candidates(log_probs / temperature, top_k, top_p, consistent, eos_id)
+        if temperature == 1:                                       # the decoder's log-probs are normalised already
+            values, index = _candidates(log_probs, top_k, top_p, consistent, eos_id, normalised=True)
+        else:
+            values, index = _candidates(log_probs / temperature, top_k, top_p, consistent, eos_id)
         pick = torch.multinomial(values.softmax(-1), 1, generator=generator)
         return index.gather(-1, pick)[:, 0]
 

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -93,16 +93,32 @@ def check_text(text, name: str = "text") -> str:
     return text
 
 # %% ../nbs/00_conventions.ipynb #c010
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int) -> float:
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, *,
+                   clip: float | Callable | None = None) -> float:
     """Backpropagate `loss` and update with `optimizer`; a NaN or inf loss raises FloatingPointError naming `step`.
     Returns the loss as a float.
 
+    `clip`: None (no clipping), a number γ > 0 (clip the global gradient norm at γ; a NaN/inf norm raises
+    FloatingPointError naming `step`), or a callable `clip(parameters)` run between backward and update, e.g.
+    `simbook.optim.clipping.GradientClipper`; if it returns a non-finite norm (its "skip" policy) the update is skipped.
+
     Defined in: *Conventions*, section "One training step"."""
+    if clip is not None and not callable(clip):
+        from simbook.optim.clipping import GradientClipper    # imported here: simbook.optim imports this module
+        clip = GradientClipper(clip)
     value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError(f"the loss became {value} at step {step}")
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip is not None:
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        try:
+            norm = clip(parameters)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {step}") from None
+        if isinstance(norm, (int, float, torch.Tensor)) and not math.isfinite(float(norm)):
+            return value                                    # the clip's policy skips this update
     optimizer.step()
     return value
 

@@ -530,6 +530,16 @@ def test_sample_matches_the_filtered_distribution(case):
     assert _chi_square(counts, wrong)[0] > CHI2_999[df]
 
 
+def test_nucleus_under_min_new_tokens_is_taken_from_the_renormalised_distribution():
+    """While <eos> is forbidden, the nucleus is the smallest prefix of the distribution *without* <eos> (renormalised,
+    as Hugging Face's processors do): with eos = token 0 (p = 0.5) removed, 0.3 / 0.5 = 0.6 >= p=0.55 keeps only
+    token 1; a nucleus computed on the unrenormalised row would keep tokens 1 and 2 (0.3 < 0.55)."""
+    decoder = FixedDecoder([0.5, 0.3, 0.15, 0.05])
+    out = sample(decoder, torch.zeros(2000, 1, dtype=torch.long), max_new_tokens=1, eos_id=0, min_new_tokens=1,
+                 top_p=0.55, generator=torch.Generator().manual_seed(0))
+    assert (out.tokens[:, 0] == 1).all()
+
+
 def test_sample_over_many_steps_uses_step_and_respects_min_new_tokens():
     decoder = FixedDecoder([0.1, 0.1, 0.8])           # eos (2) is the likely token
     out = sample(decoder, torch.zeros(500, 3, dtype=torch.long), max_new_tokens=8, eos_id=2, min_new_tokens=3,
