@@ -376,8 +376,9 @@ class CharCNNClassifier(nn.Module):
     """Character embedding -> Conv1d (kernel 3) + ReLU -> max over real positions -> linear logits.
 
     `forward(input_ids [B, T], valid [B, T], inputs_embeds [B, T, C] | None) -> logits [B, num_classes]`; the
-    `[PAD]` (id 0) embedding is zero, so a padded sequence is the zero-embedding baseline. Defined in: *Integrated
-    gradients*, section "A Chinese sentiment classifier"."""
+    `[PAD]` (id 0) embedding is zero, so a padded sequence is the zero-embedding baseline.
+
+    Defined in: *Integrated gradients*, section "A Chinese sentiment classifier"."""
 
     def __init__(self, vocab_size: int, width: int = 64, channels: int = 128, num_classes: int = 2):
         super().__init__()
