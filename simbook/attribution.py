@@ -242,7 +242,8 @@ def integrated_gradients(forward: Callable, inputs, baselines=None, *, target=No
         raise TypeError(f"forward must be callable, got {type(forward).__name__}")
     inputs, single = _as_tuple(inputs, "inputs")
     batch = _check_inputs(inputs, need_float=True)
-    baselines = _full_baselines(baselines, inputs)
+    inputs = tuple(x.detach() for x in inputs)      # the path is built from values, not from a caller's graph
+    baselines = tuple(b.detach() for b in _full_baselines(baselines, inputs))
     target = _normalize_target(target, batch, inputs[0].device)
     args = additional_forward_args if isinstance(additional_forward_args, tuple) else \
         () if additional_forward_args is None else (additional_forward_args,)
@@ -297,7 +298,8 @@ def layer_integrated_gradients(forward: Callable, layer: nn.Module, inputs, base
         raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
     inputs, _ = _as_tuple(inputs, "inputs")
     batch = _check_inputs(inputs, need_float=False)
-    baselines = _full_baselines(baselines, inputs)
+    inputs = tuple(x.detach() for x in inputs)
+    baselines = tuple(b.detach() for b in _full_baselines(baselines, inputs))
     target = _normalize_target(target, batch, inputs[0].device)
     args = additional_forward_args if isinstance(additional_forward_args, tuple) else \
         () if additional_forward_args is None else (additional_forward_args,)

@@ -355,3 +355,20 @@ def test_char_cnn_classifier_and_html():
         attribution_html(["a"], [1.0, 2.0])
     with pytest.raises(ValueError, match="NaN"):
         attribution_html(["a"], [float("nan")])
+
+
+def test_inputs_that_require_grad_and_tensor_baselines_keep_the_callers_graph_apart():
+    net = mlp(13)
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    ours = integrated_gradients(net, x, b, target=0)
+    ref = integrated_gradients(net, x.detach(), b.detach(), target=0)
+    assert torch.equal(ours, ref) and x.grad is None and b.grad is None
+
+
+def test_model_returning_one_column_needs_no_target():
+    net = mlp(14, (6, 8, 1))
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.allclose(integrated_gradients(net, x), integrated_gradients(net, x, target=0), atol=0)
+    ref = captum_attr.IntegratedGradients(net).attribute(x)
+    assert torch.allclose(integrated_gradients(net, x), ref, atol=1e-5)
