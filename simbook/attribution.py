@@ -15,8 +15,8 @@ from torch import nn
 from .utils import check_positive_int, check_tensor
 
 # %% auto #0
-__all__ = ['METHODS', 'AUTO_CHUNK_BYTES', 'quadrature', 'integrated_gradients', 'layer_integrated_gradients', 'sentiment_reviews',
-           'CharCNNClassifier', 'attribution_html']
+__all__ = ['METHODS', 'AUTO_CHUNK_BYTES', 'AUTO_MIN_STEPS', 'quadrature', 'integrated_gradients', 'layer_integrated_gradients',
+           'sentiment_reviews', 'CharCNNClassifier', 'attribution_html']
 
 # %% ../nbs/11_integrated_gradients.ipynb #c009
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -164,6 +164,7 @@ def _select(output, target, rows: int) -> torch.Tensor:
 
 # %% ../nbs/11_integrated_gradients.ipynb #c016
 AUTO_CHUNK_BYTES = {"cpu": 20 * 2**20, "cuda": 2 * 2**30}
+AUTO_MIN_STEPS = 10                                 # fixed costs of a pass are shared by at least this many steps
 
 
 class _SavedBytes:
@@ -214,7 +215,7 @@ def _integrate(evaluate: Callable, starts: tuple, ends: tuple, alphas: torch.Ten
                 total += torch.tensordot(w.to(g), g.reshape(steps, -1), dims=1).view_as(total)
         if probe:
             budget = AUTO_CHUNK_BYTES.get(starts[0].device.type, AUTO_CHUNK_BYTES["cpu"])
-            steps_per_chunk, probe = max(1, budget // max(recorder.total, 1)), False
+            steps_per_chunk, probe = max(AUTO_MIN_STEPS, budget // max(recorder.total, 1)), False
         lo += steps
     return tuple(totals)
 
