@@ -42,10 +42,13 @@ def _check_same(tensors: dict[str, torch.Tensor]) -> None:
 def _check_qkv(q, k, v, *, same_length: bool = True, finite: bool = True) -> dict:
     """Shapes q `[B, H, Tq, Dk]`, k `[B, H, Tk, Dk]`, v `[B, H, Tk, Dv]` (Tq = Tk when `same_length`)."""
     dims = {}
-    check_tensor(q, "q", shape=("B", "H", "T" if same_length else "Tq", "Dk"), dtype="float", dims=dims, finite=finite)
-    check_tensor(k, "k", shape=("B", "H", "T" if same_length else "Tk", "Dk"), dtype="float", dims=dims, finite=finite)
-    check_tensor(v, "v", shape=("B", "H", "T" if same_length else "Tk", "Dv"), dtype="float", dims=dims, finite=finite)
+    check_tensor(q, "q", shape=("B", "H", "T" if same_length else "Tq", "Dk"), dtype="float", dims=dims)
+    check_tensor(k, "k", shape=("B", "H", "T" if same_length else "Tk", "Dk"), dtype="float", dims=dims)
+    check_tensor(v, "v", shape=("B", "H", "T" if same_length else "Tk", "Dv"), dtype="float", dims=dims)
     _check_same({"q": q, "k": k, "v": v})
+    if finite:
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            check_tensor(x, name, finite=True)
     return dims
 
 
@@ -159,14 +162,27 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, norma
     return (out, LinearAttentionState(S, z)) if return_state else out
 
 # %% ../../nbs/10_linear_attention.ipynb #c012
+class _EluPlusOne(torch.autograd.Function):
+    # y = e^min(x,0) + max(x,0) has no cancellation, and dy/dx = min(y, 1): one saved tensor, two cheap kernels
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.exp(x.clamp(max=0)).add_(x.clamp(min=0))
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return grad * y.clamp(max=1)
+
+
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     """$\\operatorname{elu}(x)+1$, i.e. $x+1$ for $x>0$ and $e^x$ otherwise, evaluated in fp32 and returned in x's dtype
     (strictly positive in bfloat16, unlike `F.elu(x) + 1`).
 
     Defined in: *Does attention need a softmax?*, section "Feature maps: elu+1, softmax and 1+cos"."""
     check_tensor(x, "x", dtype="float")
-    x32 = _accumulator(x)
-    return torch.where(x32 > 0, x32 + 1, torch.exp(x32.clamp(max=0))).to(x.dtype)
+    return _EluPlusOne.apply(_accumulator(x)).to(x.dtype)
 
 
 def softmax_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -697,8 +713,9 @@ class LinearAttentionOp:
         fmap = FEATURE_MAPS[self.feature_map]
         fq, fk = fmap(q), fmap(k) * key_valid[:, None, :, None].to(q.dtype)     # padded keys add nothing
         memory = None if cache is None else cache.memory
-        if causal or T == 1:
-            out, memory = causal_linear_attention(fq, fk, v, eps=self.eps, initial_state=memory, return_state=True)
+        if causal or T == 1:                                                 # inputs were checked above
+            out, memory = causal_linear_attention(fq, fk, v, eps=self.eps, initial_state=memory, return_state=True,
+                                                  check_finite=False)
         else:
             out, memory = linear_attention(fq, fk, v, eps=self.eps, initial_state=memory, return_state=True)
         seen = key_valid if cache is None else torch.cat([cache.key_valid, key_valid], 1)
