@@ -67,7 +67,7 @@ def test_config_accepts_dropout_bounds():
 
 @pytest.mark.parametrize("kw,match", [({"activation": "swish"}, "activation must be one of"),
                                       ({"activation": "GELU"}, "activation must be one of"),
-                                      ({"attention": "linear"}, "attention must be one of"),
+                                      ({"attention": "performer"}, "attention must be one of"),
                                       ({"attention": ""}, "attention must be one of")])
 def test_config_refuses_unknown_names(kw, match):
     with pytest.raises(ValueError, match=match):

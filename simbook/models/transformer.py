@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attention.linear import LinearAttentionOp
 from ..attention.masks import softmax_attention
 from ..utils import check_positive_int, check_tensor
 
@@ -69,11 +70,14 @@ class TransformerConfig:
 ACTIVATIONS = {"gelu": lambda x: F.gelu(x), "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 
 # Attention ops by name. Each takes q, k, v [B, H, T, D] and a "may attend" mask [B, Tq, Tk] (or None).
-ATTENTION_OPS = {"softmax": softmax_attention}
+# An op with a `with_state` method is recurrent: with a cache it keeps a fixed-size state per layer instead of the
+# keys and values (linear attention, chapter "Does attention need a softmax?").
+ATTENTION_OPS = {"softmax": softmax_attention, "linear": LinearAttentionOp("elu"), "linear_cos": LinearAttentionOp("cos")}
 
 # %% ../../nbs/02_transformer_core.ipynb #c008
 class KVCache:
-    """Keys and values of the positions already processed, one `[B, H, T, D]` pair per layer.
+    """Keys and values of the positions already processed, one `[B, H, T, D]` pair per layer (or, for a recurrent
+    attention op, one state per layer in `states`).
 
     Defined in: *The Transformer core*, section "The key/value cache"."""
 
@@ -81,9 +85,12 @@ class KVCache:
         check_positive_int(num_layers, "num_layers")
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.states: list = [None] * num_layers                     # recurrent ops: len(state) = positions seen
 
     def __len__(self) -> int:
         """Number of cached positions (0 before the first forward)."""
+        if self.states[-1] is not None:
+            return len(self.states[-1])
         return 0 if self.keys[-1] is None else self.keys[-1].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +106,7 @@ class KVCache:
         check_tensor(index, "index", shape=(None,), dtype="int")
         self.keys = [None if k is None else k.index_select(0, index) for k in self.keys]
         self.values = [None if v is None else v.index_select(0, index) for v in self.values]
+        self.states = [None if s is None else s.index_select(index) for s in self.states]
 
 # %% ../../nbs/02_transformer_core.ipynb #c010
 class MultiHeadAttention(nn.Module):
@@ -121,9 +129,14 @@ class MultiHeadAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 layer: int = 0) -> torch.Tensor:
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
-        if cache is not None:
-            k, v = cache.update(layer, k, v)                     # [B, H, T_past + T, D]
-        out = self.attention_op(q, k, v, mask, dropout_p=self.dropout if self.training else 0.0)
+        dropout_p = self.dropout if self.training else 0.0
+        with_state = getattr(self.attention_op, "with_state", None)
+        if cache is not None and with_state is not None:        # recurrent op: a fixed-size state, not k and v
+            out, cache.states[layer] = with_state(q, k, v, mask, cache.states[layer], dropout_p=dropout_p)
+        else:
+            if cache is not None:
+                k, v = cache.update(layer, k, v)                 # [B, H, T_past + T, D]
+            out = self.attention_op(q, k, v, mask, dropout_p=dropout_p)
         B, H, T, D = out.shape
         return self.output(out.transpose(1, 2).reshape(B, T, H * D))
 
