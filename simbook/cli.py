@@ -7,7 +7,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-CLI_MODULES = ["simbook.seq2seq", "simbook.decoding"]
+CLI_MODULES = ["simbook.seq2seq", "simbook.decoding", "simbook.dialogue"]
 
 
 def build_parser() -> argparse.ArgumentParser:
