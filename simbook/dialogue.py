@@ -503,7 +503,7 @@ def mean_nll(model: GPT, examples: Sequence[DialogueExample], pad_id: int, *, ba
         raise ValueError("the examples supervise no token")
     return total / count
 
-# %% ../nbs/09_dialogpt.ipynb #c049
+# %% ../nbs/09_dialogpt.ipynb #c050
 class DialogueDecoder:
     """The step interface of `simbook.decoding` (`prefill`, `step`, `reorder`) for a GPT with speaker segments: the
     prompt keeps its own segment ids `[B, T]`, every generated token gets the flipped segment of the prompt's last
@@ -564,7 +564,7 @@ class DialogueDecoder:
         self.cache_valid, self.lengths = self.cache_valid[index], self.lengths[index]
         self.reply_segment = self.reply_segment[index]
 
-# %% ../nbs/09_dialogpt.ipynb #c050
+# %% ../nbs/09_dialogpt.ipynb #c051
 def banned_ids(tokenizer: Tokenizer) -> list[int]:
     """Token ids a reply may not contain: every special token but `[SEP]` (the end of the reply), and the speaker
     tokens when the vocabulary has them. Defined in: *Build a DialoGPT*, section "Decoding a reply"."""
@@ -611,7 +611,7 @@ def generate_replies(model: GPT, tokenizer: Tokenizer, histories: Sequence[Seque
             finished.append(bool(ended))
     return replies, finished
 
-# %% ../nbs/09_dialogpt.ipynb #c054
+# %% ../nbs/09_dialogpt.ipynb #c055
 def reply_statistics(tokenizer: Tokenizer, replies: Sequence[Sequence[int]], *, unit: str = "word") -> dict:
     """Dist-1 / Dist-2 (distinct uni- and bigrams over all replies, divided by their counts) and the mean length of
     replies, in whitespace words of the decoded text (`unit="word"`) or in tokens (`"token"`, e.g. Chinese
@@ -629,7 +629,7 @@ def reply_statistics(tokenizer: Tokenizer, replies: Sequence[Sequence[int]], *, 
     return {"dist_1": stats["distinct_1"], "dist_2": stats["distinct_2"],
             "mean_length": sum(map(len, units)) / len(units)}
 
-# %% ../nbs/09_dialogpt.ipynb #c057
+# %% ../nbs/09_dialogpt.ipynb #c058
 class ChatSession:
     """A multi-turn conversation with a dialogue GPT. `respond(text)` returns an iterator of reply text pieces,
     streamed as tokens are generated; the history (user and bot turns, tokenised) is then left-truncated to the
@@ -722,7 +722,7 @@ class ChatSession:
         self.history.append(("bot", text, reply))
         self._truncate()
 
-# %% ../nbs/09_dialogpt.ipynb #c062
+# %% ../nbs/09_dialogpt.ipynb #c063
 DIALOGUE_SETTINGS = "dialogue.json"
 
 
@@ -769,7 +769,7 @@ def load_chatbot(directory: str | os.PathLike) -> tuple[GPT, Tokenizer, dict]:
         raise ValueError(f"{directory}: the model does not fit its vocabulary or has no speaker segments")
     return model, tokenizer, settings
 
-# %% ../nbs/09_dialogpt.ipynb #c063
+# %% ../nbs/09_dialogpt.ipynb #c064
 def chat_loop(session: ChatSession, stdin, stdout, *, max_chars: int = 4000, echo: bool = False) -> int:
     """Talk with `session` over a binary input stream and a text output stream (a terminal, a pipe): one message per
     line; `/reset`, `/history`, `/help`, `/quit` (or end of input). Empty, non-UTF-8 and oversized lines get a one-line
@@ -841,7 +841,7 @@ def _chat_cli(args) -> int:
                           top_p=args.top_p, temperature=args.temperature, do_sample=not args.greedy, seed=args.seed)
     return chat_loop(session, sys.stdin.buffer, sys.stdout, echo=not sys.stdin.isatty())
 
-# %% ../nbs/09_dialogpt.ipynb #c067
+# %% ../nbs/09_dialogpt.ipynb #c068
 CORPORA = ("chitchat", "chatterbot-zh", "lccc")
 
 
@@ -927,7 +927,7 @@ def _train_cli(args) -> int:
         print(f"saved to {args.save}")
     return 0
 
-# %% ../nbs/09_dialogpt.ipynb #c068
+# %% ../nbs/09_dialogpt.ipynb #c069
 def register_cli(subparsers) -> None:
     """Add `simbook dialogpt-train` and `simbook chat`. Defined in: *Build a DialoGPT*, section "Checkpoints and the
     `simbook chat` command"."""
