@@ -13,13 +13,14 @@ import torch.nn.functional as F
 from .attention.masks import causal_mask, unilm_mask
 from .models.gpt import GPT
 from .models.transformer import ACTIVATIONS
+from .text import CharTokenizer, peoples_daily
 from .utils import check_positive_int, check_tensor, optimizer_step
 
 # %% auto #0
 __all__ = ['DECODERS', 'DecodingOutput', 'StepDecoder', 'filter_log_probs', 'stream', 'greedy', 'sample', 'PackedGPT',
            'beam_search', 'self_terminating_log_probs', 'non_termination_ratio', 'repetition_stats',
-           'language_model_loss', 'train_language_model', 'perplexity', 'non_termination_ratios',
-           'non_termination_experiment', 'format_non_termination_table', 'register_cli']
+           'language_model_loss', 'train_language_model', 'perplexity', 'non_termination_ratios', 'ParagraphCorpus',
+           'paragraph_corpus', 'non_termination_experiment', 'format_non_termination_table', 'register_cli']
 
 # %% ../nbs/08_decoding.ipynb #c009
 @dataclass
@@ -633,6 +634,40 @@ def non_termination_ratios(model, tokenizer, prompts: torch.Tensor, *, max_new_t
     return ratios
 
 # %% ../nbs/08_decoding.ipynb #c030
+@dataclass
+class ParagraphCorpus:
+    """People's Daily paragraphs for the language-model experiments: a character tokenizer built on them, a 90/10
+    train/test split, and `prompts(texts)`: `[CLS]` and the first `prompt_chars` characters of each text `[N, 1 + P]`.
+
+    Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
+    tokenizer: CharTokenizer
+    train: list[str]
+    test: list[str]
+    prompt_chars: int
+
+    def prompts(self, texts: list[str]) -> torch.Tensor:
+        return torch.tensor([[self.tokenizer.cls_id] + self.tokenizer.encode(t)[:self.prompt_chars] for t in texts])
+
+
+def paragraph_corpus(*, prompt_chars: int = 4, max_chars: int = 80, vocab: int = 1500,
+                     min_test: int = 1) -> ParagraphCorpus:
+    """People's Daily paragraphs of `prompt_chars + 6` to `max_chars` characters whose characters are all among the
+    `vocab` most frequent, split 90/10 in corpus order; at least `min_test` held out.
+
+    Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
+    for value, name in [(prompt_chars, "prompt_chars"), (max_chars, "max_chars"), (vocab, "vocab"),
+                        (min_test, "min_test")]:
+        check_positive_int(value, name)
+    paragraphs = peoples_daily(unit="paragraph", min_chars=prompt_chars + 6, max_chars=max_chars)
+    tokenizer = CharTokenizer.build(paragraphs, max_size=vocab + 5)
+    known = set(tokenizer._id_to_token)
+    paragraphs = [p for p in paragraphs if set(p) <= known]
+    split = int(0.9 * len(paragraphs))
+    if len(paragraphs) - split < min_test:
+        raise ValueError(f"only {len(paragraphs) - split} held-out paragraphs, {min_test} needed")
+    return ParagraphCorpus(tokenizer, paragraphs[:split], paragraphs[split:], prompt_chars)
+
+
 def non_termination_experiment(*, steps: int = 500, width: int = 64, layers: int = 2, cap: int = 100,
                                epsilon: float = 0.01, num_prompts: int = 100, prompt_chars: int = 4,
                                max_chars: int = 80, vocab: int = 1500, lr: float = 3e-3, seed: int = 0,
@@ -642,19 +677,11 @@ def non_termination_experiment(*, steps: int = 500, width: int = 64, layers: int
 
     Returns {"vanilla": {...}, "self-terminating": {...}, "tokenizer", "prompts", "models"}.
     Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
-    from simbook.models.gpt import GPT
     from simbook.models.transformer import TransformerConfig
-    from simbook.text import CharTokenizer, peoples_daily
 
-    paragraphs = peoples_daily(unit="paragraph", min_chars=prompt_chars + 6, max_chars=max_chars)
-    tokenizer = CharTokenizer.build(paragraphs, max_size=vocab + 5)
-    known = set(tokenizer._id_to_token)
-    paragraphs = [p for p in paragraphs if set(p) <= known]
-    split = int(0.9 * len(paragraphs))
-    train_text, test_text = paragraphs[:split], paragraphs[split:]
-    if len(test_text) < num_prompts:
-        raise ValueError(f"only {len(test_text)} held-out paragraphs for {num_prompts} prompts")
-    prompts = torch.tensor([[tokenizer.cls_id] + tokenizer.encode(p)[:prompt_chars] for p in test_text[:num_prompts]])
+    corpus = paragraph_corpus(prompt_chars=prompt_chars, max_chars=max_chars, vocab=vocab, min_test=num_prompts)
+    tokenizer, train_text, test_text = corpus.tokenizer, corpus.train, corpus.test
+    prompts = corpus.prompts(test_text[:num_prompts])
     results = {"tokenizer": tokenizer, "prompts": prompts, "models": {}}
     for name, eps in [("vanilla", None), ("self-terminating", epsilon)]:
         torch.manual_seed(seed)

@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from ..attention.masks import causal_mask
-from ..decoding import (StepDecoder, greedy, language_model_loss, non_termination_ratio, perplexity,
-                              repetition_stats, train_language_model)
+from ..decoding import (StepDecoder, greedy, language_model_loss, non_termination_ratio, paragraph_corpus,
+                              perplexity, repetition_stats, train_language_model)
 from ..models.gpt import GPT
-from ..text import CharTokenizer, peoples_daily
 from ..utils import check_positive_int, check_tensor
 
 Params = dict[str, torch.Tensor]          # parameter tensors by name, as `named_parameters` gives them
@@ -457,15 +456,8 @@ def repetition_experiment(*, pretrain_steps: int = 150, finetune_steps: int = 30
     for name, value in [("noise", noise), ("step_size", step_size)]:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} must be a positive finite number, got {value}")
-    paragraphs = peoples_daily(unit="paragraph", min_chars=prompt_chars + 6, max_chars=max_chars)
-    tokenizer = CharTokenizer.build(paragraphs, max_size=vocab + 5)
-    known = set(tokenizer._id_to_token)
-    paragraphs = [p for p in paragraphs if set(p) <= known]
-    split = int(0.9 * len(paragraphs))
-    train_text, test_text = paragraphs[:split], paragraphs[split:]
-    if len(test_text) < num_prompts:
-        raise ValueError(f"only {len(test_text)} held-out paragraphs for {num_prompts} prompts")
-    to_prompts = lambda texts: torch.tensor([[tokenizer.cls_id] + tokenizer.encode(p)[:prompt_chars] for p in texts])
+    corpus = paragraph_corpus(prompt_chars=prompt_chars, max_chars=max_chars, vocab=vocab, min_test=num_prompts)
+    tokenizer, train_text, test_text, to_prompts = corpus.tokenizer, corpus.train, corpus.test, corpus.prompts
     test_prompts = to_prompts(test_text[:num_prompts])
     eos, pad = tokenizer.sep_id, tokenizer.pad_id
 
