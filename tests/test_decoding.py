@@ -1044,3 +1044,26 @@ def test_pad_id_outside_the_vocabulary(bert):
         assert "pad_id" in str(e)
     else:
         assert out.to_lists() == ref.to_lists()
+
+
+# ---------------------------------------------------------------------------------- the LM experiments' corpus
+
+def test_paragraph_corpus_split_vocabulary_and_prompts():
+    from simbook.decoding import paragraph_corpus
+    corpus = paragraph_corpus(prompt_chars=3, max_chars=30, vocab=300, min_test=5)
+    texts = corpus.train + corpus.test
+    assert len(corpus.test) >= 5 and abs(len(corpus.train) / len(texts) - 0.9) < 0.01
+    assert all(9 <= len(t) <= 30 for t in texts)                    # prompt_chars + 6 .. max_chars
+    known = set(corpus.tokenizer._id_to_token)
+    assert all(set(t) <= known for t in texts)                      # no [UNK] anywhere
+    prompts = corpus.prompts(corpus.test[:4])
+    assert prompts.shape == (4, 4) and (prompts[:, 0] == corpus.tokenizer.cls_id).all()
+    assert corpus.tokenizer.decode(prompts[0, 1:].tolist()).replace(" ", "") == corpus.test[0][:3]
+
+
+@pytest.mark.parametrize("kw,match", [(dict(prompt_chars=0), "prompt_chars"), (dict(vocab=-1), "vocab"),
+                                      (dict(min_test=10**9), "held-out")])
+def test_paragraph_corpus_refuses_bad_settings(kw, match):
+    from simbook.decoding import paragraph_corpus
+    with pytest.raises(ValueError, match=match):
+        paragraph_corpus(**kw)
