@@ -305,7 +305,6 @@ class PackedGPT:
         self.activation = ACTIVATIONS[config.activation]
         self.token, self.position = model.token.weight, model.position.weight
         self.segment = None if model.segment is None else model.segment.weight[0]   # the decoder's segment id is 0
-        self.final_norm = model.stack.final_norm
         self.eps = config.layer_norm_eps
         self.final_norm = (model.stack.final_norm.weight, model.stack.final_norm.bias)
         # On CPU, x @ [C, V] (a contiguous copy of the tied embedding, made once per call of a decoder) is a faster
@@ -372,8 +371,8 @@ class PackedGPT:
         B, T = ids.shape
         if T > self.position.shape[0]:
             raise ValueError(f"{T} positions exceed the position table (max_position={self.position.shape[0]})")
-        reserve = 128 if capacity is None else check_positive_int(capacity, "capacity")
-        self._allocate(B, max(T + 1, reserve if capacity is not None else T + reserve))   # grows by doubling
+        capacity = T + 128 if capacity is None else check_positive_int(capacity, "capacity")
+        self._allocate(B, max(T + 1, capacity))                      # step() grows it by doubling if needed
         self.slot_valid[:, :T] = valid
         self.padded = not bool(valid.all())                          # host sync once, at prefill
         self.longest = int(lengths.max())
