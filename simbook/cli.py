@@ -7,7 +7,7 @@ import argparse
 import importlib
 from collections.abc import Sequence
 
-CLI_MODULES = ["simbook.seq2seq", "simbook.decoding", "simbook.dialogue", "simbook.optim.clipping", "simbook.optim.mgs", "simbook.models.vae"]
+CLI_MODULES = ["simbook.seq2seq", "simbook.decoding", "simbook.dialogue", "simbook.optim.clipping", "simbook.optim.mgs", "simbook.models.vae", "simbook.simbert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
