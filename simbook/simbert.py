@@ -444,7 +444,8 @@ def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0,
         raise ValueError(f"scale must be positive, got {scale}")
     candidates = vectors
     if negatives is not None:
-        check_tensor(negatives, "negatives", shape=(None, "C"), dtype="float", finite=True, dims=dims)
+        check_tensor(negatives, "negatives", shape=(None, "C"), dtype="float", finite=True, dims=dims,
+                     allow_empty=True)
         candidates = torch.cat([vectors, negatives.to(vectors.dtype)])
     logits = scale * vectors @ candidates.T                                # [B, B + M] scaled cosines
     self_match = torch.eye(B, candidates.shape[0], dtype=torch.bool, device=vectors.device)

@@ -26,7 +26,7 @@ from simbook.simbert import (SentenceIndex, SimBert, SynonymRewriter, Thesaurus,
                              new_simbert, pack_pairs, pretrain_mlm, read_pair_tsv, read_synonym_jsonl,
                              retrieval_accuracy, sample_pairs, self_bleu, similarity_loss, simbert_checkpoint_path,
                              synonym_groups, threshold_accuracy, train_simbert, write_synonym_jsonl)
-from simbook.simbert import _sample                    # the finished flags behind gen_synonyms
+from simbook.simbert import _sample, near_duplicates   # _sample: the finished flags behind gen_synonyms
 from simbook.text import CharTokenizer, WordPieceTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -258,6 +258,25 @@ def test_corrupt_finds_hard_negatives(rewriter):
     assert rewriter.corrupt(TAGGED[6], random.Random(0)) is None          # nothing replaceable
 
 
+def test_near_duplicates(rewriter):
+    records = [{"text": "".join(w for w, _ in TAGGED[i]), "synonyms": []} for i in range(6)]
+    tagged = {r["text"]: TAGGED[i] for i, r in enumerate(records)}
+    found = near_duplicates(records, rewriter, tagged, per_sentence=3, seed=0)
+    assert found and set(found) <= set(tagged)
+    for text, bad in found.items():
+        assert 1 <= len(bad) <= 3 and len(set(bad)) == len(bad) and text not in bad
+        words = [w for w, _ in tagged[text]]
+        for b in bad:                                    # exactly one word swapped, for a non-synonym
+            swaps = [(i, b[len("".join(words[:i])):len(b) - len("".join(words[i + 1:]))]) for i in range(len(words))
+                     if b.startswith("".join(words[:i])) and b.endswith("".join(words[i + 1:]))]
+            assert any(new and new != words[i] and new not in rewriter.candidates(words[i]) for i, new in swaps)
+    shuffled = near_duplicates(records[::-1], rewriter, tagged, per_sentence=3, seed=0)
+    assert shuffled == found                              # each sentence's list depends on its text only
+    assert near_duplicates(records, rewriter, {}, per_sentence=1) == {}
+    with pytest.raises(ValueError, match="per_sentence must be >= 1"):
+        near_duplicates(records, rewriter, tagged, per_sentence=0)
+
+
 def test_tag_words_uses_the_dominant_tag(rewriter):
     assert rewriter.tag_words(["好看", "美丽", "没见过"]) == [("好看", "v"), ("美丽", "a"), ("没见过", "x")]
 
@@ -421,6 +440,32 @@ def test_similarity_loss_equals_brute_force(pairs, dim, scale, seed):
     vectors = F.normalize(torch.randn(2 * pairs, dim, generator=g, dtype=torch.float64), dim=-1)
     got = similarity_loss(vectors, scale=scale)
     assert abs(got.item() - _brute_force_similarity_loss(vectors, scale)) < 1e-9 * max(1.0, got.item())
+
+
+@MANY
+@given(st.integers(1, 4), st.integers(0, 5), st.integers(1, 7), st.integers(0, 10_000))
+def test_similarity_loss_with_negatives_equals_brute_force(pairs, extra, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    vectors = F.normalize(torch.randn(2 * pairs, dim, generator=g, dtype=torch.float64), dim=-1)
+    negatives = F.normalize(torch.randn(extra, dim, generator=g, dtype=torch.float64), dim=-1)
+    B, total = vectors.shape[0], 0.0
+    for i in range(B):                                   # every other row, then every negative, are candidates
+        candidates = [vectors[j] for j in range(B) if j != i] + list(negatives)
+        logits = torch.stack([30 * (vectors[i] @ c) for c in candidates])
+        partner = [j for j in range(B) if j != i].index(i ^ 1)
+        total += -(logits[partner] - torch.logsumexp(logits, 0)).item()
+    got = similarity_loss(vectors, negatives=negatives)
+    assert abs(got.item() - total / B) < 1e-9 * max(1.0, got.item())
+    if extra == 0:
+        assert torch.equal(got, similarity_loss(vectors))
+
+
+def test_similarity_loss_negatives_must_match():
+    v = F.normalize(torch.randn(4, 8), dim=-1)
+    with pytest.raises(ValueError, match="negatives has size 5 on axis 1"):
+        similarity_loss(v, negatives=torch.randn(3, 5))
+    with pytest.raises(ValueError, match="negatives contains NaN"):
+        similarity_loss(v, negatives=torch.full((2, 8), float("nan")))
 
 
 def test_similarity_loss_rejects_bad_input():
@@ -1121,6 +1166,20 @@ def test_cli_errors_are_one_line(trained_dir, tmp_path):
     assert status == 2 and "no config.json" in err and len(err.strip().splitlines()) == 1
     status, _, err = _main("simbert", "train", "--data", str(tmp_path / "x.csv"), "--steps", "1")
     assert status == 2 and "--data must be a .jsonl file" in err
+
+
+def test_cli_hard_negatives(trained_dir, tmp_path):
+    _, save, _ = trained_dir
+    status, _, err = _main("simbert", "train", "--data", str(tmp_path / "x.jsonl"), "--hard-negatives", "1")
+    assert status == 2 and "no file" in err or "--hard-negatives needs" in err
+    data = tmp_path / "pairs.tsv"
+    rows = [f"第{i}号房间很干净\t第{i}号房间非常干净\t1" for i in range(12)]
+    rows += [f"第{i}号房间很干净\t第{i}号房间很脏\t0" for i in range(12)]
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    status, out, err = _main("simbert", "train", "--data", str(data), "--init", str(save), "--hard-negatives", "1",
+                             "--steps", "2", "--batch-pairs", "4", "--no-eval", "--no-progress", "--threads", "1")
+    assert status == 0, err
+    assert "12 paraphrase groups" in out
 
 
 @pytest.mark.skipif(not simbert_checkpoint_path().is_dir(), reason="the shipped SimBERT checkpoint "
