@@ -778,11 +778,12 @@ def pretrained_small_bert_path() -> Path:
     return _asset("simbert-mlm-zh")
 
 
-def simbert_checkpoint_path() -> Path:
+def simbert_checkpoint_path(*, hard_negatives: bool = False) -> Path:
     """The SimBERT that ships with simbook, trained from `pretrained_small_bert_path()` by `simbook simbert train`
-    (recorded in the chapter); the default of `simbook simbert paraphrase` and `search`.
+    (recorded in the chapter): the original recipe (the default of `simbook simbert paraphrase` and `search`), or
+    with `hard_negatives=True` the variant trained with near-duplicate negatives (`--hard-negatives 2`).
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
-    return _asset("simbert-zh")
+    return _asset("simbert-zh-hard" if hard_negatives else "simbert-zh")
 
 # %% ../nbs/06_simbert.ipynb #c049
 def as_groups(data: Iterable) -> list[list[str]]:
@@ -1208,9 +1209,15 @@ def _run_pretrain(args) -> int:
     return 0
 
 
+def _shipped_or(checkpoint: str | None) -> SimBert:
+    if checkpoint in (None, "hard"):
+        return SimBert.load(simbert_checkpoint_path(hard_negatives=checkpoint == "hard"))
+    return SimBert.load(checkpoint)
+
+
 def _run_paraphrase(args) -> int:
     torch.set_num_threads(args.threads)
-    model = SimBert.load(args.checkpoint or simbert_checkpoint_path())
+    model = _shipped_or(args.checkpoint)
     for text in args.text:
         print(text)
         for candidate, score in model.gen_synonyms(text, args.n, args.k, top_k=args.top_k, top_p=args.top_p,
@@ -1223,7 +1230,7 @@ def _run_search(args) -> int:
     import time
 
     torch.set_num_threads(args.threads)
-    model = SimBert.load(args.checkpoint or simbert_checkpoint_path())
+    model = _shipped_or(args.checkpoint)
     if args.corpus:
         sentences = list(dict.fromkeys(read_lines(args.corpus)))
     else:
@@ -1301,8 +1308,9 @@ def register_cli(subparsers) -> None:
     q = sub.add_parser("paraphrase", help="sample paraphrases, re-ranked by cosine to the input",
                        description="gen_synonyms: sample n candidates in one batch, drop duplicates and copies "
                                    "of the input, keep the k closest by cosine.")
-    q.add_argument("--checkpoint", default=None, help="a folder written by `simbook simbert train --save` "
-                                                       "(default: the SimBERT shipped with simbook)")
+    q.add_argument("--checkpoint", default=None, help="a folder written by `simbook simbert train --save`, or "
+                                                       "'hard' for the shipped model trained with hard negatives "
+                                                       "(default: the shipped SimBERT, original recipe)")
     q.add_argument("text", nargs="+", help="one or more sentences")
     q.add_argument("-n", type=int, default=100, help="candidates to sample (default: 100)")
     q.add_argument("-k", type=int, default=20, help="results to keep (default: 20)")
@@ -1315,8 +1323,9 @@ def register_cli(subparsers) -> None:
     q = sub.add_parser("search", help="most similar sentences in an index",
                        description="Encode a corpus into unit vectors and print the sentences closest to each "
                                    "query (brute-force cosine: one matrix product and a top-k).")
-    q.add_argument("--checkpoint", default=None, help="a folder written by `simbook simbert train --save` "
-                                                       "(default: the SimBERT shipped with simbook)")
+    q.add_argument("--checkpoint", default=None, help="a folder written by `simbook simbert train --save`, or "
+                                                       "'hard' for the shipped model trained with hard negatives "
+                                                       "(default: the shipped SimBERT, original recipe)")
     q.add_argument("query", nargs="+", help="one or more sentences")
     q.add_argument("--corpus", default=None, help="UTF-8 file, one sentence per line (default: the shipped "
                                                   "sentences and their generated paraphrases)")
