@@ -1262,6 +1262,11 @@ def register_cli(subparsers) -> None:
                                           "with config.json and the vocabulary beside them.")
     sub = p.add_subparsers(dest="simbert_command", metavar="ACTION", required=True)
 
+    def checkpoint(q):
+        q.add_argument("--checkpoint", default=None, help="a folder written by `simbook simbert train --save`, or "
+                                                           "'hard' for the shipped model trained with hard negatives "
+                                                           "(default: the shipped SimBERT, original recipe)")
+
     def common(q, threads=2):
         q.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
         q.add_argument("--threads", type=int, default=threads, help=f"torch CPU threads (default: {threads})")
@@ -1308,9 +1313,7 @@ def register_cli(subparsers) -> None:
     q = sub.add_parser("paraphrase", help="sample paraphrases, re-ranked by cosine to the input",
                        description="gen_synonyms: sample n candidates in one batch, drop duplicates and copies "
                                    "of the input, keep the k closest by cosine.")
-    q.add_argument("--checkpoint", default=None, help="a folder written by `simbook simbert train --save`, or "
-                                                       "'hard' for the shipped model trained with hard negatives "
-                                                       "(default: the shipped SimBERT, original recipe)")
+    checkpoint(q)
     q.add_argument("text", nargs="+", help="one or more sentences")
     q.add_argument("-n", type=int, default=100, help="candidates to sample (default: 100)")
     q.add_argument("-k", type=int, default=20, help="results to keep (default: 20)")
@@ -1323,9 +1326,7 @@ def register_cli(subparsers) -> None:
     q = sub.add_parser("search", help="most similar sentences in an index",
                        description="Encode a corpus into unit vectors and print the sentences closest to each "
                                    "query (brute-force cosine: one matrix product and a top-k).")
-    q.add_argument("--checkpoint", default=None, help="a folder written by `simbook simbert train --save`, or "
-                                                       "'hard' for the shipped model trained with hard negatives "
-                                                       "(default: the shipped SimBERT, original recipe)")
+    checkpoint(q)
     q.add_argument("query", nargs="+", help="one or more sentences")
     q.add_argument("--corpus", default=None, help="UTF-8 file, one sentence per line (default: the shipped "
                                                   "sentences and their generated paraphrases)")
