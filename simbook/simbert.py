@@ -1115,7 +1115,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     grams = [g for t in texts for g in (t[i:i + n] for i in range(len(t) - n + 1))]
     return len(set(grams)) / len(grams) if grams else 0.0
 
-# %% ../nbs/06_simbert.ipynb #c067
+# %% ../nbs/06_simbert.ipynb #c069
 class SentenceIndex:
     """Brute-force cosine search over unit sentence vectors: `most_similar(text, topn)` is one matrix product and
     a top-k. Vectors are kept as one float32 matrix `[N, C]`.
@@ -1159,7 +1159,7 @@ class SentenceIndex:
                    for row_s, row_i in zip(scores.tolist(), indices.tolist())]
         return results[0] if single else results
 
-# %% ../nbs/06_simbert.ipynb #c071
+# %% ../nbs/06_simbert.ipynb #c073
 def _load_training_data(path: str | None, hard_negatives: int) -> tuple[list[list[str]], dict | None, dict | None]:
     """(groups, the shipped corpus or None, negatives or None) for `simbook simbert train`."""
     if path is None:
