@@ -198,10 +198,10 @@ def _train_or_load(name: str, config: NonTerminationConfig, corpus: ParagraphCor
                                   evaluate=evaluate if record is not None else None, eval_every=config.eval_every,
                                   checkpoint_dir=checkpoint, checkpoint_every=checkpoint_every,
                                   resume=resume_this, config={"model": name, **vars(config)})
-    if record is not None:
-        record.data["losses"][name] = {str(s): round(v, 6) for s, v in
-                                       enumerate(result.losses, start=result.step - len(result.losses) + 1)
-                                       if s % 10 == 0 or s == result.step}
+    if record is not None:                                  # two models, one record: their losses side by side
+        first = result.step - len(result.losses) + 1
+        record.data.setdefault("losses_by_model", {})[name] = [
+            [s, round(v, 6)] for s, v in enumerate(result.losses, start=first) if s % 10 == 0 or s == result.step]
     if finished is not None and is_main_process():
         result.model.save_pretrained(finished)
         tokenizer.save(finished / "vocab.json")
