@@ -107,3 +107,44 @@ def test_non_termination_runs_small_and_saves_both_models(tmp_path):
                 "--no-progress", "--resume")             # both models are done: they are loaded, not trained again
     assert again.returncode == 0, again.stderr
     assert again.stdout == result.stdout
+
+
+def _torchrun(*args, processes=2):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", COLUMNS="100")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "simbook.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("command, options, metric", [
+    ("seq2seq", ["--steps", "6", "--batch-size", "8", "--pairs", "200", "--test-pairs", "20", "--eval-every", "3",
+                 "--hidden", "16", "--layers", "1"], "held_out_loss"),
+    ("non-termination", ["--steps", "6", "--batch-size", "8", "--width", "16", "--layers", "1", "--cap", "8",
+                         "--prompts", "5", "--max-chars", "20", "--vocab", "200", "--eval-every", "3"], "perplexity"),
+])
+def test_two_processes_under_torchrun_equal_one(tmp_path, command, options, metric):
+    """The same command under `torchrun --nproc_per_node 2` (gloo) and in one process: the same held-out metrics at
+    every evaluation (the token-weighted losses make the two trainings the same), one record, written by rank 0."""
+    import json
+
+    common = [command, *options, "--device", "cpu", "--no-progress", "--threads", "1"]
+    one = run(*common, "--save", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _torchrun(*common, "--save", str(tmp_path / "two"))
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert len(two.stdout.splitlines()) == len(one.stdout.splitlines()), (one.stdout, two.stdout)  # rank 0 prints
+    a, b = (json.loads((tmp_path / name / "record.json").read_text()) for name in ("one", "two"))
+    assert a["world_size"] == 1 and b["world_size"] == 2 and b["status"] == "finished"
+    assert [e["step"] for e in a["evaluations"]] == [e["step"] for e in b["evaluations"]]
+    gap = max(abs(x[metric] - y[metric]) / abs(x[metric]) for x, y in zip(a["evaluations"], b["evaluations"]))
+    print(f"{command}: largest relative difference of {metric}, 1 vs 2 processes: {gap:.1e}")
+    assert gap < 1e-4
+
+
+def test_torchrun_refuses_a_batch_it_cannot_share(tmp_path):
+    result = _torchrun("seq2seq", "--steps", "2", "--batch-size", "7", "--pairs", "50", "--test-pairs", "5",
+                       "--device", "cpu", "--no-progress", "--save", str(tmp_path / "odd"))
+    assert result.returncode != 0                      # each process exits with 2; torchrun reports the failure
+    assert "error: a global batch of 7 examples cannot be split into 2 equal processes" in result.stderr

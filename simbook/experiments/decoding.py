@@ -16,7 +16,7 @@ from ..models.gpt import GPT
 from ..models.transformer import TransformerConfig
 from ..text import CharTokenizer, peoples_daily
 from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
-                              STATE_JSON, is_main_process, latest_checkpoint, resolve_device, start_run)
+                              STATE_JSON, init_distributed, is_main_process, latest_checkpoint, resolve_device, start_run)
 from ..utils import check_positive_int
 
 # %% auto #0
@@ -246,6 +246,7 @@ def format_non_termination_table(results: dict) -> str:
 # %% ../../nbs/08b_decoding_experiments.ipynb #c016
 def _run_cli(args) -> int:
     config = config_from_args(NonTerminationConfig, args)
+    init_distributed(resolve_device(args.device))          # under torchrun: join the group before the record
     record = start_run(args, config, name="non-termination")
     results = run_non_termination(config, seed=args.seed, device=args.device,
                                   progress=False if args.no_progress else None, record=record, save_dir=args.save,

@@ -15,7 +15,7 @@ from ..models.transformer import TransformerConfig
 from ..seq2seq import SEQ2SEQ_MASKS, greedy_generate, seq2seq_loss, seq2seq_mask
 from ..text import CharTokenizer, Tokenizer, peoples_daily
 from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
-                              is_main_process, start_run)
+                              init_distributed, is_main_process, resolve_device, start_run)
 from ..utils import check_positive_int
 
 # %% auto #0
@@ -197,6 +197,7 @@ def run_seq2seq(config: Seq2SeqConfig, *, seed: int = 0, device: str = "auto", p
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c018
 def _run_cli(args) -> int:
     config = config_from_args(Seq2SeqConfig, args)
+    init_distributed(resolve_device(args.device))          # under torchrun: join the group before the record
     record = start_run(args, config, name="seq2seq")
     save = Path(args.save)
     result = run_seq2seq(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None,
