@@ -395,3 +395,28 @@ def test_sentiment_classifier_trains_with_the_trainer(tmp_path):
             SentimentConfig(**kwargs)
     with pytest.raises(ValueError, match="cannot hold out"):
         train_sentiment_classifier(SentimentConfig(held_out=16), directory=tmp_path, device="cpu")
+
+
+def test_ig_sentiment_command(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    simbook = shutil.which("simbook") or str(Path(sys.executable).parent / "simbook")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    result = subprocess.run([simbook, "ig-sentiment", "--steps", "3", "--eval-every", "3", "--explain", "1",
+                             "--device", "cpu", "--save", str(out), "--no-progress"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "held-out accuracy on 1500 reviews" in result.stdout and "completeness error" in result.stdout
+    record = json.loads((out / "record.json").read_text())
+    assert record["status"] == "finished" and record["command"].startswith("simbook ig-sentiment --steps 3")
+    assert [e["step"] for e in record["evaluations"]] == [3] and 0 <= record["final"]["accuracy"] <= 1
+    bad = subprocess.run([simbook, "ig-sentiment", "--steps", "0", "--save", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "steps must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()
