@@ -355,10 +355,10 @@ def _train_cli(args) -> int:
     last = log.losses[-50:]
     decoders = {name: {k: round(v, 4) for k, v in row.items() if k != "replies"}
                 for name, row in results["decoders"].items()}
+    record.data["decoders"] = decoders                           # the decoder table, beside the final metrics
     record.finish(train_loss_last_50=round(sum(last) / len(last), 4),
                   reply_perplexity=round(results["reply_perplexity"], 3), vocabulary=tok.vocab_size,
-                  train_conversations=len(results["train"]), held_out_conversations=len(results["held_out"]),
-                  decoders=decoders)
+                  train_conversations=len(results["train"]), held_out_conversations=len(results["held_out"]))
     if not is_main_process():
         return 0
     results["model"].save_pretrained(save)
