@@ -26,7 +26,7 @@ __all__ = ['FORMATS', 'DIALOGUE_DECODERS', 'encode_conversations', 'DialogueExam
 # %% ../nbs/09_dialogpt.ipynb #c020
 def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[list[str]]) -> list[list[list[int]]]:
     """Tokenise every utterance once (no special tokens): conversations -> lists of token-id lists. Utterances that
-    tokenise to nothing are dropped. Defined in: *Build a DialoGPT*, section "A vocabulary from the training split"."""
+    tokenise to nothing are dropped. Defined in: *Build a DialoGPT*, section "Conversations and a vocabulary"."""
     encoded = []
     for conversation in conversations:
         turns = [ids for ids in (tokenizer.encode(u) for u in conversation if u.strip()) if ids]
