@@ -13,14 +13,12 @@ import torch.nn.functional as F
 from .attention.masks import causal_mask, unilm_mask
 from .models.gpt import GPT
 from .models.transformer import ACTIVATIONS
-from .text import CharTokenizer, peoples_daily
-from .utils import check_positive_int, check_tensor, optimizer_step
+from .utils import check_positive_int, check_tensor
 
 # %% auto #0
-__all__ = ['DECODERS', 'DecodingOutput', 'StepDecoder', 'filter_log_probs', 'stream', 'greedy', 'sample', 'PackedGPT',
-           'beam_search', 'self_terminating_log_probs', 'non_termination_ratio', 'repetition_stats',
-           'language_model_loss', 'train_language_model', 'perplexity', 'non_termination_ratios', 'ParagraphCorpus',
-           'paragraph_corpus', 'non_termination_experiment', 'format_non_termination_table', 'register_cli']
+__all__ = ['DecodingOutput', 'StepDecoder', 'filter_log_probs', 'stream', 'greedy', 'sample', 'PackedGPT', 'beam_search',
+           'self_terminating_log_probs', 'non_termination_ratio', 'repetition_stats', 'language_model_loss',
+           'language_model_batch', 'perplexity']
 
 # %% ../nbs/08_decoding.ipynb #c009
 @dataclass
@@ -535,12 +533,11 @@ def repetition_stats(sequences: list[list[int]], n: int = 4) -> dict:
     return {f"repeated_{n}grams": repeated / total if total else 0.0,
             "distinct_1": len(unigrams) / n1 if n1 else 0.0, "distinct_2": len(bigrams) / n2 if n2 else 0.0}
 
-# %% ../nbs/08_decoding.ipynb #c029
+# %% ../nbs/08_decoding.ipynb #c100
 def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: torch.Tensor, *,
                         self_terminating: float | None = None, eos_id: int | None = None) -> torch.Tensor:
     """Mean negative log-likelihood of every next token (position t predicts t+1 where `valid[t+1]`), with the
-    plain softmax or the self-terminating layer. Defined in: *Seq2seq that won't stop*, section "Training with and
-    without the self-terminating layer"."""
+    plain softmax or the self-terminating layer. Defined in: *Seq2seq that won't stop*, section "The language-model loss"."""
     dims = {}
     check_tensor(logits, "logits", shape=("B", "T", None), dtype="float", dims=dims)
     check_tensor(input_ids, "input_ids", shape=("B", "T"), dtype="int", dims=dims)
@@ -553,183 +550,28 @@ def language_model_loss(logits: torch.Tensor, input_ids: torch.Tensor, valid: to
     return -picked[valid[:, 1:]].mean()
 
 
-def _lm_batch(tokenizer, texts, max_chars):
-    # `[CLS] text [SEP]`, right-padded: the tokenizer's single-text layout is the LM's, with [SEP] as <eos>
+def language_model_batch(tokenizer, texts: list[str], max_chars: int) -> dict[str, torch.Tensor]:
+    """`[CLS] text [SEP]` for each text (cut to `max_chars` characters), right-padded: `{"input_ids", "valid"}`
+    `[B, T]`. The tokenizer's single-text layout is the language model's, with `[SEP]` as `<eos>`.
+
+    Defined in: *Seq2seq that won't stop*, section "The language-model loss"."""
     batch = tokenizer.batch_encode(texts, max_length=max_chars + 2)
-    return batch["input_ids"], batch["valid"]
-
-
-def train_language_model(model, tokenizer, sentences: list[str], *, steps: int = 300, batch_size: int = 32,
-                         lr: float = 3e-3, max_chars: int = 48, self_terminating: float | None = None,
-                         seed: int = 0, progress: bool = False) -> list[float]:
-    """Train a causal LM on `[CLS] sentence [SEP]` sequences (`[SEP]` is `<eos>`); returns the loss of each step.
-
-    Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
-    from tqdm import tqdm
-
-    check_positive_int(steps, "steps")
-    check_positive_int(batch_size, "batch_size")
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
-    if len(sentences) < batch_size:
-        raise ValueError(f"need at least batch_size={batch_size} sentences, got {len(sentences)}")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    device = next(model.parameters()).device
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc="language model" + (" (ST)" if self_terminating else ""), disable=not progress):
-        index = torch.randint(len(sentences), (batch_size,), generator=generator).tolist()
-        ids, valid = (x.to(device) for x in _lm_batch(tokenizer, [sentences[i] for i in index], max_chars))
-        loss = language_model_loss(model(ids, mask=causal_mask(valid)), ids, valid,
-                                   self_terminating=self_terminating, eos_id=tokenizer.sep_id)
-        losses.append(optimizer_step(optimizer, loss, len(losses)))
-    model.eval()
-    return losses
+    return {"input_ids": batch["input_ids"], "valid": batch["valid"]}
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, sentences: list[str], *, max_chars: int = 48, self_terminating: float | None = None,
                batch_size: int = 64) -> float:
     """Per-token perplexity (including `<eos>`) of held-out sentences. Defined in: *Seq2seq that won't stop*,
-    section "Training with and without the self-terminating layer"."""
+    section "The language-model loss"."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(sentences), batch_size):
-        ids, valid = (x.to(device) for x in _lm_batch(tokenizer, sentences[start:start + batch_size], max_chars))
+        batch = language_model_batch(tokenizer, sentences[start:start + batch_size], max_chars)
+        ids, valid = batch["input_ids"].to(device), batch["valid"].to(device)
         n = int(valid[:, 1:].sum())
         total += language_model_loss(model(ids, mask=causal_mask(valid)), ids, valid,
                                      self_terminating=self_terminating, eos_id=tokenizer.sep_id).item() * n
         count += n
     return math.exp(total / count)
 
-
-DECODERS = {
-    "greedy": ("greedy", {}), "beam 2": ("beam", {"beam_width": 2}), "beam 4": ("beam", {"beam_width": 4}),
-    "ancestral": ("sample", {}), "top-k 2": ("sample", {"top_k": 2}), "top-k 4": ("sample", {"top_k": 4}),
-    "nucleus 0.2": ("sample", {"top_p": 0.2}), "nucleus 0.4": ("sample", {"top_p": 0.4}),
-    "consistent top-k 2": ("sample", {"top_k": 2, "consistent": True}),
-    "consistent top-k 4": ("sample", {"top_k": 4, "consistent": True}),
-    "consistent nucleus 0.2": ("sample", {"top_p": 0.2, "consistent": True}),
-    "consistent nucleus 0.4": ("sample", {"top_p": 0.4, "consistent": True}),
-}
-
-
-def non_termination_ratios(model, tokenizer, prompts: torch.Tensor, *, max_new_tokens: int,
-                           self_terminating: float | None = None, seed: int = 0) -> dict[str, float]:
-    """Share of continuations of `prompts` `[B, T]` that reach `max_new_tokens` without `<eos>`, for each decoder
-    of `DECODERS`. Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
-    decoder = StepDecoder(model, self_terminating=self_terminating)
-    eos, ratios = tokenizer.sep_id, {}
-    for name, (kind, options) in DECODERS.items():
-        common = dict(max_new_tokens=max_new_tokens, eos_id=eos, pad_id=tokenizer.pad_id)
-        if kind == "greedy":
-            out = greedy(decoder, prompts, **common)
-        elif kind == "beam":
-            out = beam_search(decoder, prompts, **common, **options)
-        else:
-            out = sample(decoder, prompts, **common, **options, generator=torch.Generator().manual_seed(seed))
-        ratios[name] = non_termination_ratio(out)
-    return ratios
-
-# %% ../nbs/08_decoding.ipynb #c030
-@dataclass
-class ParagraphCorpus:
-    """People's Daily paragraphs for the language-model experiments: a character tokenizer built on them, a 90/10
-    train/test split, and `prompts(texts)`: `[CLS]` and the first `prompt_chars` characters of each text `[N, 1 + P]`.
-
-    Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
-    tokenizer: CharTokenizer
-    train: list[str]
-    test: list[str]
-    prompt_chars: int
-
-    def prompts(self, texts: list[str]) -> torch.Tensor:
-        return torch.tensor([[self.tokenizer.cls_id] + self.tokenizer.encode(t)[:self.prompt_chars] for t in texts])
-
-
-def paragraph_corpus(*, prompt_chars: int = 4, max_chars: int = 80, vocab: int = 1500,
-                     min_test: int = 1) -> ParagraphCorpus:
-    """People's Daily paragraphs of `prompt_chars + 6` to `max_chars` characters whose characters are all among the
-    `vocab` most frequent, split 90/10 in corpus order; at least `min_test` held out.
-
-    Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
-    for value, name in [(prompt_chars, "prompt_chars"), (max_chars, "max_chars"), (vocab, "vocab"),
-                        (min_test, "min_test")]:
-        check_positive_int(value, name)
-    paragraphs = peoples_daily(unit="paragraph", min_chars=prompt_chars + 6, max_chars=max_chars)
-    tokenizer = CharTokenizer.build(paragraphs, max_size=vocab + 5)
-    known = set(tokenizer._id_to_token)
-    paragraphs = [p for p in paragraphs if set(p) <= known]
-    split = int(0.9 * len(paragraphs))
-    if len(paragraphs) - split < min_test:
-        raise ValueError(f"only {len(paragraphs) - split} held-out paragraphs, {min_test} needed")
-    return ParagraphCorpus(tokenizer, paragraphs[:split], paragraphs[split:], prompt_chars)
-
-
-def non_termination_experiment(*, steps: int = 500, width: int = 64, layers: int = 2, cap: int = 100,
-                               epsilon: float = 0.01, num_prompts: int = 100, prompt_chars: int = 4,
-                               max_chars: int = 80, vocab: int = 1500, lr: float = 3e-3, seed: int = 0,
-                               progress: bool = False) -> dict:
-    """Train a vanilla and a self-terminating GPT on People's Daily paragraphs, then measure the non-termination
-    ratio of every decoder in `DECODERS` and the held-out perplexity of each.
-
-    Returns {"vanilla": {...}, "self-terminating": {...}, "tokenizer", "prompts", "models"}.
-    Defined in: *Seq2seq that won't stop*, section "Training with and without the self-terminating layer"."""
-    from simbook.models.transformer import TransformerConfig
-
-    corpus = paragraph_corpus(prompt_chars=prompt_chars, max_chars=max_chars, vocab=vocab, min_test=num_prompts)
-    tokenizer, train_text, test_text = corpus.tokenizer, corpus.train, corpus.test
-    prompts = corpus.prompts(test_text[:num_prompts])
-    results = {"tokenizer": tokenizer, "prompts": prompts, "models": {}}
-    for name, eps in [("vanilla", None), ("self-terminating", epsilon)]:
-        torch.manual_seed(seed)
-        model = GPT(TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, num_layers=layers,
-                                      num_heads=4, intermediate_size=4 * width, max_position=max(256, cap + 16),
-                                      dropout=0.0, pre_norm=True, activation="gelu_tanh"))
-        train_language_model(model, tokenizer, train_text, steps=steps, lr=lr, max_chars=max_chars,
-                             self_terminating=eps, seed=seed, progress=progress)
-        results[name] = {"perplexity": perplexity(model, tokenizer, test_text, max_chars=max_chars,
-                                                  self_terminating=eps),
-                         **non_termination_ratios(model, tokenizer, prompts, max_new_tokens=cap,
-                                                  self_terminating=eps, seed=seed)}
-        results["models"][name] = model
-    return results
-
-
-def format_non_termination_table(results: dict) -> str:
-    """The experiment's table as text. Defined in: *Seq2seq that won't stop*, section "Training with and without
-    the self-terminating layer"."""
-    lines = [f"{'decoder':>24} {'vanilla':>9} {'ST':>9}"]
-    for decoder in DECODERS:
-        lines.append(f"{decoder:>24} {results['vanilla'][decoder]:>9.2f} {results['self-terminating'][decoder]:>9.2f}")
-    lines.append(f"{'perplexity':>24} {results['vanilla']['perplexity']:>9.1f} "
-                 f"{results['self-terminating']['perplexity']:>9.1f}")
-    return "\n".join(lines)
-
-
-def _run_cli(args) -> int:
-    results = non_termination_experiment(steps=args.steps, width=args.width, layers=args.layers, cap=args.cap,
-                                         epsilon=args.epsilon, num_prompts=args.prompts, lr=args.lr, seed=args.seed,
-                                         progress=not args.no_progress)
-    print(f"non-termination ratio at L={args.cap} over {args.prompts} held-out prompts; held-out perplexity")
-    print(format_non_termination_table(results))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add `simbook non-termination`. Defined in: *Seq2seq that won't stop*, section "Training with and without the
-    self-terminating layer"."""
-    p = subparsers.add_parser("non-termination", help="train vanilla and self-terminating LMs, tabulate r_L",
-                              description="Train a vanilla and a self-terminating GPT on People's Daily paragraphs "
-                                          "and report each decoder's non-termination ratio and the perplexities.")
-    p.add_argument("--steps", type=int, default=500, help="training steps per model (default: 500)")
-    p.add_argument("--width", type=int, default=64, help="model width (default: 64)")
-    p.add_argument("--layers", type=int, default=2, help="Transformer layers (default: 2)")
-    p.add_argument("--cap", type=int, default=100, help="length cap L in generated tokens (default: 100)")
-    p.add_argument("--epsilon", type=float, default=0.01, help="epsilon of the ST layer (default: 0.01)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
-    p.add_argument("--prompts", type=int, default=100, help="held-out prompts (default: 100)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
-    p.set_defaults(run=_run_cli)

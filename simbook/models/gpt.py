@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention.masks import check_mask
-from .bert import _check_ids
+from .bert import _check_ids, _stored_names
 from .transformer import KVCache, TransformerConfig, TransformerStack
-from ..utils import CONFIG_NAME, WEIGHTS_NAME, load_state_dict_strict, read_state_dict, save_checkpoint
+from ..utils import CONFIG_NAME, WEIGHTS_NAME, Pretrained, load_state_dict_strict, read_state_dict, save_checkpoint
 
 # %% auto #0
-__all__ = ['GPT', 'save_gpt', 'load_gpt', 'config_from_hf_gpt2', 'hf_gpt2_state_dict_to_simbook', 'load_hf_gpt2']
+__all__ = ['GPT', 'config_from_hf_gpt2', 'hf_gpt2_state_dict_to_simbook', 'load_hf_gpt2', 'simbook_state_dict_to_hf_gpt2']
 
 # %% ../../nbs/07_gpt.ipynb #c005
 def _same_device(x: torch.Tensor, name: str, device: torch.device) -> None:
@@ -27,13 +27,15 @@ def _same_device(x: torch.Tensor, name: str, device: torch.device) -> None:
         raise ValueError(f"{name} is on {x.device}, the model on {device}")
 
 
-class GPT(nn.Module):
+class GPT(Pretrained, nn.Module):
     """GPT-2: token + learned position (+ optional segment) embeddings, dropout, pre-norm Transformer stack whose
     final LayerNorm is GPT-2's `ln_f`, LM head tied to the token embeddings (no bias).
     `forward(input_ids [B, T], mask [B, T, T_past + T] or None (causal), *, segment_ids, position_ids, cache)
     -> logits [B, T, V]`.
 
-    Defined in: *GPT-2, for real*, section "The model"."""
+    `save_pretrained(dir)` / `from_pretrained(dir)` write and read simbook's checkpoint layout, `save_hf(dir)` the
+    Hugging Face one (`GPT2LMHeadModel`). Defined in: *GPT-2, for real*, section "The model"."""
+    config_class = TransformerConfig
 
     def __init__(self, config: TransformerConfig, *, segments: bool = False):
         super().__init__()
@@ -60,6 +62,14 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @classmethod
+    def _from_config(cls, config: dict, directory: Path) -> "GPT":
+        return cls(TransformerConfig.from_dict(config), segments="segment.weight" in _stored_names(directory))
+
+    def save_hf(self, directory: str | os.PathLike) -> Path:
+        """Write the Hugging Face GPT-2 layout: config.json + model.safetensors with `GPT2LMHeadModel`'s key names."""
+        return _save_hf_gpt2(self, directory)
 
     def new_cache(self) -> KVCache:
         """An empty `KVCache` with one slot per layer."""
@@ -113,33 +123,6 @@ class GPT(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         hidden = self.hidden(input_ids, mask, segment_ids=segment_ids, position_ids=position_ids, cache=cache)
         return F.linear(hidden, self.token.weight)              # tied to the token embeddings, no bias
-
-# %% ../../nbs/07_gpt.ipynb #c015
-def save_gpt(model: GPT, directory: str | os.PathLike) -> Path:
-    """Write a `GPT` as model.safetensors + config.json (`"simbook_model": "GPT"`). Returns the folder.
-
-    Defined in: *GPT-2, for real*, section "Saving and loading"."""
-    if not isinstance(model, GPT):
-        raise TypeError(f"save_gpt takes a GPT, got {type(model).__name__}")
-    config = {"simbook_model": "GPT", "segments": model.segment is not None, "transformer": model.config.to_dict()}
-    return save_checkpoint(directory, model.state_dict(), config)
-
-
-def load_gpt(directory: str | os.PathLike) -> GPT:
-    """Rebuild a `GPT` written by `save_gpt` (strict: every key must match); returns it in eval mode.
-
-    Defined in: *GPT-2, for real*, section "Saving and loading"."""
-    directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
-    config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    kind = config.get("simbook_model")
-    if kind != "GPT" or not isinstance(config.get("transformer"), dict):
-        raise ValueError(f"{directory}/{CONFIG_NAME} is not a simbook GPT config (simbook_model={kind!r}); "
-                         "for a Hugging Face GPT-2 checkpoint use load_hf_gpt2")
-    model = GPT(TransformerConfig.from_dict(config["transformer"]), segments=bool(config.get("segments", False)))
-    load_state_dict_strict(model, read_state_dict(directory))
-    return model.eval()
 
 # %% ../../nbs/07_gpt.ipynb #c018
 _HF_GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -250,3 +233,49 @@ def load_hf_gpt2(path: str | os.PathLike, *, allow_torch_weights_only: bool = Fa
     model = GPT(config)
     load_state_dict_strict(model, hf_gpt2_state_dict_to_simbook(raw))
     return model.eval()
+
+# %% ../../nbs/07_gpt.ipynb #c100
+_TO_HF_GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
+
+
+def simbook_state_dict_to_hf_gpt2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Translate a `GPT` state dict to `GPT2LMHeadModel`'s keys (under `transformer.`, without the tied
+    `lm_head.weight`): the inverse of `hf_gpt2_state_dict_to_simbook`.
+
+    Defined in: *GPT-2, for real*, section "Writing the Hugging Face layout"."""
+    inverse = {ours: hf for hf, ours in _HF_GPT2_GLOBAL.items()}
+    layer_names = {ours: (hf, transpose) for hf, (ours, transpose) in _HF_GPT2_LAYER.items()}
+    out, fused = {}, {}
+    for key, tensor in state.items():
+        layer = re.match(r"^stack\.layers\.(\d+)\.(.+)$", key)
+        qkv = layer and re.match(r"^attention\.(query|key|value)\.(weight|bias)$", layer.group(2))
+        if key in inverse:
+            out["transformer." + inverse[key]] = tensor
+        elif qkv:
+            fused.setdefault((layer.group(1), qkv.group(2)), {})[qkv.group(1)] = tensor
+        elif layer and layer.group(2) in layer_names:
+            hf, transpose = layer_names[layer.group(2)]
+            out[f"transformer.h.{layer.group(1)}.{hf}"] = tensor.t() if transpose else tensor
+        else:
+            raise ValueError(f"no GPT-2 name for {key}")
+    for (i, kind), parts in fused.items():
+        if set(parts) != {"query", "key", "value"}:
+            raise ValueError(f"layer {i} lacks one of query, key, value ({kind})")
+        joined = torch.cat([parts["query"], parts["key"], parts["value"]], dim=0)
+        out[f"transformer.h.{i}.attn.c_attn.{kind}"] = joined.t() if kind == "weight" else joined
+    return out
+
+
+def _save_hf_gpt2(model: GPT, directory: str | os.PathLike) -> Path:
+    config = model.config
+    if model.segment is not None:
+        raise ValueError("GPT-2 has no segment embeddings (it adds token_type_ids through wte); this model has some")
+    if config.attention != "softmax":
+        raise ValueError(f"Hugging Face GPT-2 computes softmax attention; this model uses {config.attention!r}")
+    hf = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": config.vocab_size,
+          "n_embd": config.hidden_size, "n_layer": config.num_layers, "n_head": config.num_heads,
+          "n_inner": config.intermediate_size, "n_positions": config.max_position,
+          "activation_function": _TO_HF_GPT2_ACTIVATIONS[config.activation], "resid_pdrop": config.dropout,
+          "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "layer_norm_epsilon": config.layer_norm_eps,
+          "scale_attn_weights": True, "tie_word_embeddings": True}
+    return save_checkpoint(directory, simbook_state_dict_to_hf_gpt2(model.state_dict()), hf)
