@@ -538,3 +538,27 @@ def test_chat_command_in_a_pseudo_terminal(checkpoint):
         if process.poll() is None:
             process.kill()
         os.close(leader)
+
+
+def test_dialogpt_train_two_processes_under_torchrun_equal_one(tmp_path):
+    """`simbook dialogpt-train` under `torchrun --nproc_per_node 2` (gloo) and in one process: the same training losses
+    and held-out reply losses (each shard weighs its supervised tokens), one record and one model, written by rank 0."""
+    common = ["dialogpt-train", "--conversations", "40", "--held-out", "8", "--steps", "4", "--batch-size", "8",
+              "--eval-every", "2", "--width", "16", "--layers", "1", "--heads", "2", "--max-length", "48",
+              "--vocab-size", "300", "--device", "cpu", "--no-progress", "--threads", "1"]
+    one = _run(*common, "--save", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "simbook.cli", *common, "--save", str(tmp_path / "two")],
+                         capture_output=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    assert two.returncode == 0, two.stderr.decode()[-2000:]
+    assert two.stdout.decode().count("held-out reply perplexity") == 1                      # rank 0 prints
+    a, b = (json.loads((tmp_path / name / "record.json").read_text()) for name in ("one", "two"))
+    assert a["world_size"] == 1 and b["world_size"] == 2 and b["status"] == "finished"
+    for x, y in zip(a["evaluations"], b["evaluations"], strict=True):
+        assert x["step"] == y["step"] and x["reply_loss"] == pytest.approx(y["reply_loss"], rel=1e-5)
+    assert [step for step, _ in a["losses"]] == [step for step, _ in b["losses"]]
+    assert all(x == pytest.approx(y, rel=1e-5) for (_, x), (_, y) in zip(a["losses"], b["losses"]))
+    assert ChatSession.from_pretrained(tmp_path / "two").tokenizer.vocab_size == a["final"]["vocabulary"]

@@ -13,8 +13,8 @@ from torch import nn
 
 from ..attribution import layer_integrated_gradients
 from ..text import CharTokenizer, read_lines
-from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
-                              start_run)
+from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, init_distributed,
+                              is_main_process, resolve_device, start_run)
 from ..utils import check_positive_int, check_tensor
 
 # %% auto #0
@@ -166,6 +166,7 @@ def explain_review(model: CharCNNClassifier, tokenizer: CharTokenizer, text: str
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c024
 def _sentiment_cli(args) -> int:
     config = config_from_args(SentimentConfig, args)
+    init_distributed(resolve_device(args.device))          # under torchrun: join the group before the record
     record = start_run(args, config, name="ig-sentiment")
     save = Path(args.save)
     trained = train_sentiment_classifier(config, seed=args.seed, device=args.device, record=record,

@@ -21,8 +21,8 @@ from ..decoding import repetition_stats
 from ..models.gpt import GPT
 from ..models.transformer import TransformerConfig
 from ..text import ByteBPETokenizer, CharTokenizer, Tokenizer, save_tokenizer
-from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
-                              start_run)
+from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, init_distributed,
+                              is_main_process, resolve_device, start_run)
 from ..utils import check_positive_int, seed_everything
 
 # %% auto #0
@@ -345,6 +345,7 @@ def format_decoder_table(decoders: dict) -> str:
 def _train_cli(args) -> int:
     config = config_from_args(DialoGPTConfig, args)
     conversations = load_corpus(config.corpus, config.path)     # a missing corpus fails before anything is written
+    init_distributed(resolve_device(args.device))          # under torchrun: join the group before the record
     record = start_run(args, config, name="dialogpt-train")
     save = Path(args.save)
     results = train_chatbot(config, conversations=conversations, seed=args.seed, device=args.device,
