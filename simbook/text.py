@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from .utils import check_positive_int, check_text
+from .utils import atomic_write, check_positive_int, check_text
 
 # %% auto #0
-__all__ = ['SPECIAL_TOKENS', 'read_lines', 'split_sentences', 'peoples_daily_path', 'peoples_daily', 'Tokenizer', 'CharTokenizer',
-           'WordPieceTokenizer']
+__all__ = ['SPECIAL_TOKENS', 'SPEAKER_TOKENS', 'read_lines', 'split_sentences', 'peoples_daily_path', 'peoples_daily',
+           'Tokenizer', 'CharTokenizer', 'WordPieceTokenizer', 'ByteBPETokenizer', 'save_tokenizer', 'load_tokenizer']
 
 # %% ../nbs/03_text_and_corpora.ipynb #c005
 _SENTENCE_END = re.compile(r"(?<=[。！？!?])")
@@ -271,3 +271,117 @@ class WordPieceTokenizer(Tokenizer):
 
     def _decode_ids(self, ids: list[int]) -> str:
         return self._backend.decode(ids, skip_special_tokens=False)
+
+# %% ../nbs/03_text_and_corpora.ipynb #c024
+SPEAKER_TOKENS = ("[speaker1]", "[speaker2]")
+
+
+class ByteBPETokenizer(Tokenizer):
+    """Byte-level BPE, GPT-2's tokenisation (Hugging Face `tokenizers`): every text is encodable, decoding gives the
+    (normalised) text back exactly. Learn it with `ByteBPETokenizer.train`; save/load as a `tokenizer.json`.
+
+    Defined in: *Text, tokens and corpora*, section "Byte-level BPE for English chat"."""
+
+    def __init__(self, backend):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not isinstance(backend, HFTokenizer):
+            raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
+        vocab = backend.get_vocab()
+        missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary lacks the special tokens {missing}")
+        backend.no_truncation()
+        backend.no_padding()
+        self._backend = backend
+        self._id_to_token = [""] * len(vocab)
+        for token, i in vocab.items():
+            self._id_to_token[i] = token
+        self._token_to_id = vocab
+
+    @classmethod
+    def train(cls, texts: Sequence[str], *, vocab_size: int = 1000, min_frequency: int = 2,
+              lowercase: bool = True) -> "ByteBPETokenizer":
+        """Learn the merges from `texts` (a training split only). The vocabulary starts with simbook's special
+        tokens and the two speaker tokens of the CDial-GPT format, then the 256 byte symbols."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        check_positive_int(vocab_size, "vocab_size", minimum=len(SPECIAL_TOKENS) + len(SPEAKER_TOKENS) + 257)
+        check_positive_int(min_frequency, "min_frequency")
+        if isinstance(texts, str) or not any(isinstance(t, str) and t.strip() for t in texts):
+            raise ValueError("texts must be a non-empty list of non-blank strings")
+        backend = HFTokenizer(models.BPE(unk_token="[UNK]"))
+        backend.normalizer = normalizers.Sequence([normalizers.NFKC()] + [normalizers.Lowercase()] * lowercase)
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                      special_tokens=list(SPECIAL_TOKENS + SPEAKER_TOKENS),
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator([t for t in texts if isinstance(t, str) and t.strip()], trainer)
+        return cls(backend)
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self._backend.decode(ids, skip_special_tokens=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        text = self._backend.to_str()
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ByteBPETokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise ValueError(f"{path} is not a tokenizers JSON file: {e}") from None
+
+
+def save_tokenizer(tokenizer: Tokenizer, directory: str | os.PathLike) -> Path:
+    """Write `tokenizer` into the model folder `directory` (created if missing), atomically: `tokenizer.json` for
+    byte-level BPE and WordPiece, `vocab.json` for characters. Returns the file written.
+
+    Defined in: *Text, tokens and corpora*, section "Byte-level BPE for English chat"."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if isinstance(tokenizer, CharTokenizer):
+        path = directory / "vocab.json"
+        tokenizer.save(path)
+    elif isinstance(tokenizer, (ByteBPETokenizer, WordPieceTokenizer)):
+        path = directory / "tokenizer.json"
+        text = tokenizer._backend.to_str()
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    else:
+        raise TypeError(f"cannot save a {type(tokenizer).__name__}: expected a CharTokenizer, ByteBPETokenizer or "
+                        "WordPieceTokenizer")
+    return path
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of the model folder `directory`: `tokenizer.json` (byte-level BPE or WordPiece, told apart by
+    the model it describes), else `vocab.json` (characters), else `vocab.txt` (WordPiece).
+
+    Defined in: *Text, tokens and corpora*, section "Byte-level BPE for English chat"."""
+    directory = Path(directory)
+    if (directory / "tokenizer.json").is_file():
+        path = directory / "tokenizer.json"
+        try:
+            kind = json.loads(path.read_text(encoding="utf-8"))["model"]["type"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a tokenizers JSON file ({type(e).__name__}: {e})") from None
+        if kind == "BPE":
+            return ByteBPETokenizer.load(path)
+        if kind == "WordPiece":
+            return WordPieceTokenizer(path)
+        raise ValueError(f"{path} describes a {kind} tokenizer, which simbook does not read")
+    if (directory / "vocab.json").is_file():
+        return CharTokenizer.load(directory / "vocab.json")
+    if (directory / "vocab.txt").is_file():
+        return WordPieceTokenizer(directory / "vocab.txt")
+    raise FileNotFoundError(f"no tokenizer in {directory} (no tokenizer.json, vocab.json or vocab.txt)")

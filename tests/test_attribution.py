@@ -7,8 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from simbook.attribution import (METHODS, CharCNNClassifier, attribution_html, integrated_gradients,
-                                 layer_integrated_gradients, quadrature, sentiment_reviews)
+from simbook.attribution import (METHODS, attribution_html, integrated_gradients, layer_integrated_gradients,
+                                 quadrature)
+from simbook.experiments.attribution import (CharCNNClassifier, SentimentConfig, explain_review, sentiment_reviews,
+                                             train_sentiment_classifier)
 
 captum_attr = pytest.importorskip("captum.attr")
 
@@ -372,3 +374,49 @@ def test_model_returning_one_column_needs_no_target():
     assert torch.allclose(integrated_gradients(net, x), integrated_gradients(net, x, target=0), atol=0)
     ref = captum_attr.IntegratedGradients(net).attribute(x)
     assert torch.allclose(integrated_gradients(net, x), ref, atol=1e-5)
+
+
+def test_sentiment_classifier_trains_with_the_trainer(tmp_path):
+    good = ["很好", "非常好", "满意", "不错", "好评", "很满意", "挺好", "推荐"]
+    bad = ["很差", "非常差", "失望", "不好", "差评", "很失望", "太差", "退货"]
+    (tmp_path / "pos.txt").write_text("\n".join(good), encoding="utf-8")
+    (tmp_path / "neg.txt").write_text("\n".join(bad), encoding="utf-8")
+    config = SentimentConfig(held_out=4, min_count=1, max_chars=8, width=8, channels=8, steps=30, batch_size=4,
+                             lr=1e-2, eval_every=10)
+    runs = [train_sentiment_classifier(config, directory=tmp_path, seed=0, device="cpu") for _ in range(2)]
+    assert runs[0]["losses"] == runs[1]["losses"] and len(runs[0]["losses"]) == 30      # seeded: reproducible
+    assert [e["step"] for e in runs[0]["evaluations"]] == [10, 20, 30]
+    assert runs[0]["losses"][-1] < runs[0]["losses"][0]
+    chars, scores, change, delta = explain_review(runs[0]["model"], runs[0]["tokenizer"], "很好", max_chars=8)
+    assert chars == ["[CLS]", "很", "好", "[SEP]"] and abs(scores.sum().item() - change) < 0.05 * max(1.0, abs(change))
+    for kwargs, message in [({"steps": 0}, "steps must be >= 1"), ({"lr": 0.0}, "lr must be"),
+                            ({"weight_decay": -1.0}, "weight_decay must be")]:
+        with pytest.raises(ValueError, match=message):
+            SentimentConfig(**kwargs)
+    with pytest.raises(ValueError, match="cannot hold out"):
+        train_sentiment_classifier(SentimentConfig(held_out=16), directory=tmp_path, device="cpu")
+
+
+def test_ig_sentiment_command(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    simbook = shutil.which("simbook") or str(Path(sys.executable).parent / "simbook")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    result = subprocess.run([simbook, "ig-sentiment", "--steps", "3", "--eval-every", "3", "--explain", "1",
+                             "--device", "cpu", "--save", str(out), "--no-progress"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "held-out accuracy on 1500 reviews" in result.stdout and "completeness error" in result.stdout
+    record = json.loads((out / "record.json").read_text())
+    assert record["status"] == "finished" and record["command"].startswith("simbook ig-sentiment --steps 3")
+    assert [e["step"] for e in record["evaluations"]] == [3] and 0 <= record["final"]["accuracy"] <= 1
+    bad = subprocess.run([simbook, "ig-sentiment", "--steps", "0", "--save", str(tmp_path / "bad")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and "steps must be >= 1" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "bad").exists()

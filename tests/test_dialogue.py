@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simbook.decoding import language_model_loss
-from simbook.dialogue import (ByteBPETokenizer, ChatSession, DialogueDecoder, banned_ids, chat_loop, collate, encode_conversations,
-                              generate_replies, load_chatbot, mean_nll, new_dialogue_model, pack_cdial,
-                              pack_dialogue, prompt_example, read_lccc, reply_example, reply_pairs, reply_statistics,
-                              save_chatbot, split_conversations, train_dialogue_model,
-                              training_example)
+from simbook.dialogue import (ChatSession, DialogueDecoder, banned_ids, chat_loop, collate, encode_conversations,
+                              generate_replies, mean_nll, pack_cdial, pack_dialogue, prompt_example, reply_example,
+                              reply_pairs, training_example)
+from simbook.experiments.dialogpt import (DialoGPTConfig, new_dialogue_model, read_lccc, reply_statistics,
+                                          split_conversations, train_dialogue_model)
 from simbook.models.gpt import GPT
 from simbook.models.transformer import TransformerConfig
-from simbook.text import CharTokenizer
+from simbook.text import ByteBPETokenizer, CharTokenizer, save_tokenizer
 
 SIMBOOK = shutil.which("simbook") or str(Path(sys.executable).parent / "simbook")
 PROPERTY = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -53,13 +53,15 @@ def tokenizer():
 def trained(tokenizer):
     ids = encode_conversations(tokenizer, CONVERSATIONS)
     model = new_dialogue_model(tokenizer.vocab_size, width=32, layers=1, heads=2, max_length=64, seed=0)
-    train_dialogue_model(model, tokenizer, ids, steps=40, batch_size=8, lr=5e-3, seed=0)
+    train_dialogue_model(model, tokenizer, ids, steps=40, batch_size=8, lr=5e-3, seed=0, device="cpu")
     return model, ids
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer, trained, tmp_path_factory):
-    return save_chatbot(tmp_path_factory.mktemp("chatbot"), trained[0], tokenizer, {"test": True})
+    folder = trained[0].save_pretrained(tmp_path_factory.mktemp("chatbot"))
+    save_tokenizer(tokenizer, folder)
+    return folder
 
 
 def _tiny_gpt(vocab=40, max_position=48, seed=0):
@@ -289,6 +291,8 @@ def test_split_holds_out_whole_conversations():
     (lambda: ByteBPETokenizer.train(["a b"], vocab_size=100), ValueError, "vocab_size must be >= 264"),
     (lambda: ByteBPETokenizer("not a backend"), TypeError, "tokenizers.Tokenizer"),
     (lambda: reply_pairs([[[8]]]), ValueError, "no conversation has a reply"),
+    (lambda: DialoGPTConfig(lr=0.0), ValueError, "lr must be"),
+    (lambda: DialoGPTConfig(corpus="reddit"), ValueError, "corpus must be one of"),
     (lambda: DialogueDecoder(_tiny_gpt(), torch.zeros(1, 3)), TypeError, "int dtype"),
     (lambda: DialogueDecoder(_tiny_gpt(), torch.zeros(1, 3, dtype=torch.long), banned_ids=[99]), ValueError,
      "inside the vocabulary"),
@@ -364,21 +368,69 @@ def test_same_seed_same_replies(tokenizer, trained):
 
 def test_checkpoint_round_trip(tokenizer, trained, checkpoint, tmp_path):
     model, _ = trained
-    loaded, tok, settings = load_chatbot(checkpoint)
-    assert settings["info"] == {"test": True} and tok.vocab_size == tokenizer.vocab_size
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    session = ChatSession.from_pretrained(checkpoint, max_reply_tokens=8, seed=3)
+    loaded, tok = session.model, session.tokenizer
+    assert session.max_reply_tokens == 8 and tok.vocab_size == tokenizer.vocab_size
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     assert [tok.id_to_token(i) for i in range(tok.vocab_size)] == \
         [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
     chars = CharTokenizer.build(["你好", "再见"])
     char_model = new_dialogue_model(chars.vocab_size, width=16, layers=1, heads=2, max_length=16)
-    _, tok2, s2 = load_chatbot(save_chatbot(tmp_path / "zh", char_model, chars))
-    assert s2["tokenizer"] == "char" and tok2.encode("你好") == chars.encode("你好")
+    save_tokenizer(chars, char_model.save_pretrained(tmp_path / "zh"))
+    zh = ChatSession.from_pretrained(tmp_path / "zh", max_reply_tokens=4)
+    assert isinstance(zh.tokenizer, CharTokenizer) and zh.tokenizer.encode("你好") == chars.encode("你好")
     with pytest.raises(FileNotFoundError, match="no dialogue checkpoint"):
-        load_chatbot(tmp_path / "nothing")
-    (tmp_path / "broken").mkdir()
-    (tmp_path / "broken" / "dialogue.json").write_bytes(b"{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        load_chatbot(tmp_path / "broken")
+        ChatSession.from_pretrained(tmp_path / "nothing")
+
+
+def test_loading_refuses_pickles_and_mismatches(tokenizer, trained, checkpoint, tmp_path):
+    model, _ = trained
+    pickled = tmp_path / "pickled"
+    shutil.copytree(checkpoint, pickled)
+    torch.save(model.state_dict(), pickled / "model.safetensors")
+    with pytest.raises(ValueError, match="pickled checkpoint"):
+        ChatSession.from_pretrained(pickled)
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(checkpoint, mismatched)
+    save_tokenizer(CharTokenizer.build(["abc"]), mismatched)                          # vocab.json beside it
+    (mismatched / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="were not saved together"):
+        ChatSession.from_pretrained(mismatched)
+    plain = tmp_path / "plain"
+    save_tokenizer(tokenizer, GPT(model.config).save_pretrained(plain))               # a GPT without segments
+    with pytest.raises(ValueError, match="no speaker segments"):
+        ChatSession.from_pretrained(plain)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    model.save_pretrained(no_tokenizer)
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        ChatSession.from_pretrained(no_tokenizer)
+
+
+def test_resumed_training_equals_uninterrupted(tokenizer, tmp_path):
+    ids = encode_conversations(tokenizer, CONVERSATIONS)
+
+    def run(folder, *, stop_at=None, resume=False):
+        model = new_dialogue_model(tokenizer.vocab_size, width=16, layers=1, heads=2, max_length=48, seed=0)
+        calls = []
+
+        def evaluate(m):
+            calls.append(1)
+            if stop_at is not None and len(calls) == stop_at:
+                raise KeyboardInterrupt                                              # killed after a checkpoint
+            return 1.0
+
+        log = train_dialogue_model(model, tokenizer, ids, steps=6, batch_size=4, lr=5e-3, seed=1, device="cpu",
+                                   evaluate=evaluate, eval_every=1, checkpoint_dir=folder, checkpoint_every=3,
+                                   resume=resume)
+        return model, log
+
+    whole, whole_log = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", stop_at=4)
+    resumed, resumed_log = run(tmp_path / "b", resume=True)
+    assert resumed_log.losses == whole_log.losses[3:]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
 
 
 def test_chat_loop_in_process(tokenizer, trained):
@@ -409,13 +461,18 @@ def test_dialogpt_train_command_saves_a_chat_checkpoint(tmp_path):
     stdout = result.stdout.decode()
     assert result.returncode == 0, result.stderr.decode()
     assert "held-out reply perplexity" in stdout and "top-k 5" in stdout and f"saved to {out}" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "dialogue.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint", "config.json", "model.safetensors", "record.json",
+                                                     "tokenizer.json"]
+    record = json.loads((out / "record.json").read_text())
+    assert record["status"] == "finished" and record["command"].startswith("simbook dialogpt-train --conversations 60")
+    assert record["config"]["steps"] == 4 and record["final"]["reply_perplexity"] > 1 and "greedy" in record["decoders"]
     chat = _run("chat", "--checkpoint", str(out), stdin=b"hello\n")
     assert chat.returncode == 0 and "bot> " in chat.stdout.decode()
 
 
 @pytest.mark.parametrize("args, message", [
     (["dialogpt-train", "--steps", "0", "--conversations", "20", "--held-out", "5"], "steps must be >= 1"),
+    (["dialogpt-train", "--device", "tpu"], "device"),
     (["dialogpt-train", "--corpus", "lccc"], "needs the path of an LCCC JSON file"),
     (["dialogpt-train", "--corpus", "lccc", "--path", "/nonexistent/lccc.json"], "no LCCC file"),
     (["chat", "--checkpoint", "/nonexistent/bot"], "no dialogue checkpoint at /nonexistent/bot"),
@@ -481,3 +538,27 @@ def test_chat_command_in_a_pseudo_terminal(checkpoint):
         if process.poll() is None:
             process.kill()
         os.close(leader)
+
+
+def test_dialogpt_train_two_processes_under_torchrun_equal_one(tmp_path):
+    """`simbook dialogpt-train` under `torchrun --nproc_per_node 2` (gloo) and in one process: the same training losses
+    and held-out reply losses (each shard weighs its supervised tokens), one record and one model, written by rank 0."""
+    common = ["dialogpt-train", "--conversations", "40", "--held-out", "8", "--steps", "4", "--batch-size", "8",
+              "--eval-every", "2", "--width", "16", "--layers", "1", "--heads", "2", "--max-length", "48",
+              "--vocab-size", "300", "--device", "cpu", "--no-progress", "--threads", "1"]
+    one = _run(*common, "--save", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr.decode()[-2000:]
+    env = {k: v for k, v in _env().items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "simbook.cli", *common, "--save", str(tmp_path / "two")],
+                         capture_output=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+    assert two.returncode == 0, two.stderr.decode()[-2000:]
+    assert two.stdout.decode().count("held-out reply perplexity") == 1                      # rank 0 prints
+    a, b = (json.loads((tmp_path / name / "record.json").read_text()) for name in ("one", "two"))
+    assert a["world_size"] == 1 and b["world_size"] == 2 and b["status"] == "finished"
+    for x, y in zip(a["evaluations"], b["evaluations"], strict=True):
+        assert x["step"] == y["step"] and x["reply_loss"] == pytest.approx(y["reply_loss"], rel=1e-5)
+    assert [step for step, _ in a["losses"]] == [step for step, _ in b["losses"]]
+    assert all(x == pytest.approx(y, rel=1e-5) for (_, x), (_, y) in zip(a["losses"], b["losses"]))
+    assert ChatSession.from_pretrained(tmp_path / "two").tokenizer.vocab_size == a["final"]["vocabulary"]

