@@ -74,7 +74,8 @@ def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0, negatives: to
 
     Under `torchrun` (with `across_processes`) each process passes its own rows, every process the same number, and
     the candidates are the rows and negatives of all processes, gathered with their gradients: each process's loss
-    is the mean over its rows of what the whole batch in one process would give.
+    is the mean over its rows of what the whole batch in one process would give. The scores and the loss are computed in
+    float32 at least (also under bf16 autocast).
 
 
     Defined in: *SimBERT: retrieval and generation in one model*, section "One batch, two tasks"."""
@@ -101,7 +102,9 @@ def similarity_loss(vectors: torch.Tensor, *, scale: float = 30.0, negatives: to
     elif negatives_valid is not None:
         raise ValueError("negatives_valid needs negatives")
     row = torch.arange(B, device=vectors.device) + (rank() * B if spread else 0)      # global row numbers
-    logits = scale * vectors @ candidates.T                                # [B, N + M] scaled cosines
+    exact = torch.promote_types(vectors.dtype, torch.float32)   # cosines times 30 need more than bf16's 8 bits
+    with torch.autocast(vectors.device.type, enabled=False):
+        logits = scale * vectors.to(exact) @ candidates.to(exact).T         # [B, N + M] scaled cosines
     self_match = row[:, None] == torch.arange(candidates.shape[0], device=vectors.device)
     logits = logits.masked_fill(self_match | blocked, float("-inf"))       # -inf: safe in fp16, unlike -1e12
     return F.cross_entropy(logits, row ^ 1)                                # partner: 0<->1, 2<->3, ...
@@ -152,8 +155,8 @@ def simbert_loss(model: "SimBert", batch: dict[str, torch.Tensor], *, scale: flo
     hidden, vectors = model(batch["input_ids"], batch["segment_ids"], batch["valid"])
     packed = {k: batch[k] for k in ("input_ids", "segment_ids", "valid")}
     if "generation_scale" in batch:                  # summed over this shard's tokens, normalised globally
-        generation = (generation_loss(model, hidden, **packed, reduction="sum")
-                      * batch["generation_scale"][0].to(hidden.dtype) / batch["input_ids"].shape[0])
+        generation = (generation_loss(model, hidden, **packed, reduction="sum").float()
+                      * batch["generation_scale"][0].float() / batch["input_ids"].shape[0])
     else:
         generation = generation_loss(model, hidden, **packed)
     negatives = negatives_valid = None

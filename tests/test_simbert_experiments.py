@@ -809,3 +809,21 @@ def test_cli_paraphrase_with_the_shipped_checkpoint():
     scores = [float(line.split(maxsplit=1)[0]) for line in lines[1:]]
     assert scores == sorted(scores, reverse=True)
     assert all(line.split(maxsplit=1)[1] != text for line in lines[1:])
+
+
+def test_cli_pretrain_writes_a_model_and_a_record(tmp_path):
+    save = tmp_path / "mlm"
+    status, out, err = _main("simbert", "pretrain", "--steps", "2", "--batch-size", "4", "--hidden-size", "16",
+                             "--num-layers", "1", "--num-heads", "2", "--save", str(save), "--device", "cpu",
+                             "--no-progress", "--threads", "1")
+    assert status == 0, err
+    assert f"saved to {save}" in out
+    model = SimBert.from_pretrained(save)
+    assert model.config.hidden_size == 16 and model.config.num_layers == 1
+    record = json.loads((save / "record.json").read_text(encoding="utf-8"))
+    assert record["status"] == "finished" and record["config"]["steps"] == 2
+    assert record["final"]["vocabulary"] == model.tokenizer.vocab_size
+    status, _, err = _main("simbert", "pretrain", "--steps", "2", "--batch-size", "4", "--hidden-size", "16",
+                           "--num-layers", "1", "--num-heads", "2", "--save", str(save), "--device", "cpu",
+                           "--no-progress", "--threads", "1", "--resume")
+    assert status == 2 and "nothing left of 2 steps" in err          # the run is complete

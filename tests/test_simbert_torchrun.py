@@ -6,47 +6,24 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SCRIPT = textwrap.dedent('''
-    import json
-    import sys
-
-    import torch
-
-    from simbook.experiments.simbert import SimBertTrainConfig, new_simbert, train_simbert
-    from simbook.text import CharTokenizer
-    from simbook.training import is_main_process, world_size
-
-    out, hard = sys.argv[1], sys.argv[2] == "hard"
-    torch.set_num_threads(1)
-    groups = [[f"第{i}号房间很干净", f"第{i}号房间非常干净", f"{i}号房间挺干净呀"] for i in range(12)]
-    tokenizer = CharTokenizer.build([s for g in groups for s in g] + ["很脏"])
-    model = new_simbert(tokenizer, hidden_size=32, num_layers=1, num_heads=2, maxlen=16, seed=0)
-    negatives = {s: [s.replace("干净", "脏")] for g in groups[::2] for s in g} if hard else None
-    config = SimBertTrainConfig(steps=4, batch_pairs=4, lr=1e-3)
-    history = train_simbert(model, groups, config, negatives=negatives, device="cpu", seed=0, progress=False)
-    if is_main_process():
-        with open(out, "w") as f:
-            json.dump({"loss": history["loss"], "world_size": world_size()}, f)
-''')
+WORKER = Path(__file__).parent / "workers" / "train_simbert.py"
 
 
 def _run(tmp_path, processes: int, mode: str) -> dict:
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT, encoding="utf-8")
     out = tmp_path / f"losses-{processes}-{mode}.json"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env.pop("WORLD_SIZE", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
     launcher = ([sys.executable] if processes == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"])
-    done = subprocess.run([*launcher, str(script), str(out), mode], env=env, cwd=tmp_path, capture_output=True,
+    done = subprocess.run([*launcher, str(WORKER), str(out), mode], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text())
