@@ -4,7 +4,6 @@ single-sentence encoding; save_pretrained / from_pretrained with the vocabulary;
 Hugging Face export and the MiniLM weights against transformers), cached generation against an uncached UniLM loop,
 and the sentence index."""
 import json
-import math
 import warnings
 
 import pytest
@@ -24,8 +23,6 @@ from simbook.simbert import (SimBert, SimBertConfig, gen_synonyms, generate_para
 from simbook.simbert import _sample   # the finished flags behind gen_synonyms
 from simbook.text import CharTokenizer, WordPieceTokenizer
 from simbook.utils import save_checkpoint
-
-from simbook.text import CharTokenizer, WordPieceTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 

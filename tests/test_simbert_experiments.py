@@ -22,8 +22,6 @@ from simbook.experiments.simbert import (SimBertPretrainConfig, SimBertTrainConf
 from simbook.simbert import SimBert, simbert_checkpoint_path
 from simbook.text import CharTokenizer
 
-from simbook.text import CharTokenizer, WordPieceTokenizer
-
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 QUIET = pytest.mark.filterwarnings("ignore:.*longer than maxlen")   # texts truncated on purpose
