@@ -1,6 +1,7 @@
 """simbook.optim.clipping: equality with torch's clip_grad_norm_, an fp64-accurate norm, the factor-2 equivalence of
 hard and soft clipping, the NaN/inf policy, the optimizer wrapper, the smoothness estimator and bad input."""
 import copy
+import json
 import math
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simbook.optim.clipping import (ClippedOptimizer, GradientClipper, LSTMLanguageModel, char_stream,
-                                    clip_coefficient, clip_grad_norm, fit_smoothness, global_norm, local_smoothness)
+from simbook.experiments.smoothness import (LSTMLanguageModel, SmoothnessConfig, char_stream, smoothness_trajectory,
+                                            train_lm)
+from simbook.optim.clipping import (ClippedOptimizer, GradientClipper, clip_coefficient, clip_grad_norm, fit_smoothness,
+                                    global_norm, local_smoothness)
 from simbook.utils import optimizer_step
 
 
@@ -62,7 +65,8 @@ def test_optimizer_step_clip_argument():
     a, b, c = _net(), _net(), _net()
     x = torch.randn(4, 7, generator=torch.Generator().manual_seed(3))
     clipper = GradientClipper(0.1)
-    optimizer_step(torch.optim.SGD(a.parameters(), lr=0.5), a(x).pow(2).sum(), 0, clip=0.1)
+    wrapped = ClippedOptimizer(torch.optim.SGD(a.parameters(), lr=0.5), 0.1, flat=False)
+    optimizer_step(wrapped, a(x).pow(2).sum(), 0)
     optimizer_step(torch.optim.SGD(b.parameters(), lr=0.5), b(x).pow(2).sum(), 0, clip=clipper)
     opt = torch.optim.SGD(c.parameters(), lr=0.5)
     opt.zero_grad()
@@ -171,7 +175,7 @@ def test_optimizer_step_names_the_step_of_a_nonfinite_gradient():
     net[0].weight.register_hook(lambda g: g * float("nan"))        # a finite loss with a NaN gradient
     loss = net(torch.randn(4, 7)).sum()
     with pytest.raises(FloatingPointError, match="gradient norm is nan.* at step 9"):
-        optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), loss, 9, clip=1.0)
+        optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), loss, 9, clip=GradientClipper(1.0))
 
 
 # --- the flat buffer ---------------------------------------------------------------------------------------------------
@@ -253,16 +257,47 @@ def test_lstm_language_model_and_stream():
         char_stream([])
 
 
-def test_cli_runs_a_tiny_experiment(capsys):
+def test_cli_runs_a_tiny_experiment(capsys, tmp_path):
     from simbook.cli import main
 
+    save = tmp_path / "run"
     assert main(["smoothness", "--steps", "3", "--compare-steps", "3", "--lrs", "1", "--clipped-lrs", "1",
-                 "--embed", "4", "--hidden", "8", "--batch-size", "2", "--seq-len", "8", "--no-progress"]) == 0
+                 "--embed-size", "4", "--hidden-size", "8", "--batch-size", "2", "--seq-len", "8", "--no-progress",
+                 "--device", "cpu", "--save", str(save)]) == 0
     out = capsys.readouterr().out
     assert "log-log slope" in out and "clip 0.25" in out
-    with pytest.raises(SystemExit):
-        main(["smoothness", "--max-norm", "0", "--steps", "1", "--no-progress"])
-    assert "max_norm" in capsys.readouterr().err
+    record = json.loads((save / "record.json").read_text())
+    assert record["status"] == "finished" and record["config"]["steps"] == 3 and "slope" in record["final"]
+    assert record["command"]
+    for bad, message in [(["--max-norm", "0"], "max_norm"), (["--device", "tpu"], "device")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["smoothness", *bad, "--steps", "1", "--no-progress", "--save", str(tmp_path / "bad")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from simbook.cli import build_parser
+    from simbook.training import config_from_args
+
+    args = build_parser().parse_args(["smoothness"])
+    assert config_from_args(SmoothnessConfig, args) == SmoothnessConfig()
+    assert SmoothnessConfig().steps == 500 and SmoothnessConfig.small().steps == 200
+
+
+def test_trajectory_and_training_loops_run_through_the_trainer():
+    stream, tok = char_stream(["今天天气不错，明天也不错"] * 4, vocab=20)
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(tok.vocab_size, embed_size=4, hidden_size=8)
+    record = smoothness_trajectory(model, stream, steps=4, lr=1.0, batch_size=2, seq_len=6, device="cpu")
+    assert [len(record[k]) for k in ("loss", "grad_norm", "smoothness")] == [4, 4, 4]
+    assert all(v > 0 for v in record["grad_norm"] + record["smoothness"])
+    torch.manual_seed(0)
+    again = LSTMLanguageModel(tok.vocab_size, embed_size=4, hidden_size=8)
+    assert train_lm(again, stream, steps=4, lr=1.0, batch_size=2, seq_len=6, device="cpu") == record["loss"]
+    torch.manual_seed(0)
+    diverging = LSTMLanguageModel(tok.vocab_size, embed_size=4, hidden_size=8)
+    losses = train_lm(diverging, stream, steps=20, lr=math.inf, batch_size=2, seq_len=6, device="cpu")
+    assert losses[-1] == math.inf and len(losses) < 20
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------------
@@ -283,8 +318,9 @@ def test_bad_thresholds_and_choices():
         GradientClipper(1.0, nonfinite="ignore")
     with pytest.raises(ValueError, match="norm must be a finite number"):
         clip_coefficient(float("nan"), 1.0)
-    with pytest.raises(TypeError, match="max_norm must be a number"):
-        optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), net(torch.randn(1, 7)).sum(), 0, clip="big")
+    for number in (1.0, "big"):                    # the number shortcut is gone: a clip is a callable
+        with pytest.raises(TypeError, match="clip must be None or a callable"):
+            optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), net(torch.randn(1, 7)).sum(), 0, clip=number)
 
 
 def test_bad_parameter_lists():
