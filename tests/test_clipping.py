@@ -373,3 +373,50 @@ def test_bad_smoothness_input():
         fit_smoothness([1.0, 2.0, float("nan")], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="differ in length"):
         fit_smoothness([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+# --- the clip folded into a fused optimizer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+                                  lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)])
+@pytest.mark.parametrize("flat", [True, False])
+def test_folded_clip_equals_clip_grad_norm_then_fused_step(make, flat):
+    torch.manual_seed(0)
+    ours, theirs = _net(), _net()
+    theirs.load_state_dict(ours.state_dict())
+    folded = ClippedOptimizer(make(ours.parameters()), 0.5, flat=flat)
+    plain = make(theirs.parameters())
+    assert folded.fold and "fold=True" in repr(folded)
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    for step in range(4):
+        scale = 10.0 if step % 2 else 0.01                          # steps that bite and steps that do not
+        optimizer_step(folded, (ours(x) * scale).pow(2).sum(), step)
+        plain.zero_grad()
+        (theirs(x) * scale).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+        plain.step()
+        assert not hasattr(folded.optimizer, "grad_scale")         # only ever set for the one step
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert folded.clipper.clipped == [False, True, False, True]
+
+
+def test_fold_is_off_for_unfused_optimizers_and_refused_where_impossible():
+    net = _net()
+    assert not ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1), 1.0).fold
+    assert not ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True), 1.0, fold=False).fold
+    with pytest.raises(ValueError, match="fold=True needs a fused"):
+        ClippedOptimizer(torch.optim.RMSprop(net.parameters(), lr=0.1), 1.0, fold=True)
+    with pytest.raises(ValueError, match="fold must be"):
+        ClippedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), 1.0, fold="yes")
+
+
+def test_folded_clip_skips_a_nonfinite_step():
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = ClippedOptimizer(torch.optim.Adam(net.parameters(), lr=0.1, fused=True), 1.0, nonfinite="skip")
+    net[0].weight.register_hook(lambda g: g * float("nan"))
+    optimizer_step(opt, net(torch.randn(2, 7)).sum(), 0)
+    assert opt.clipper.skipped_steps == [0]
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

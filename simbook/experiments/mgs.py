@@ -307,7 +307,7 @@ def format_repetition_table(results: dict) -> str:
 def _run_cli(args) -> int:
     config = config_from_args(RepetitionConfig, args)
     record = start_run(args, config, name="mgs")
-    results = repetition_experiment(config, seed=args.seed, device=args.device, progress=not args.no_progress,
+    results = repetition_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None,
                                     record=record)
     trace = results["mgs_trace"]
     ess = sum(t["ess"] for t in trace) / len(trace)

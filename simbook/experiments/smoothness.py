@@ -267,7 +267,7 @@ def format_smoothness_report(result: dict) -> str:
 def _run_cli(args) -> int:
     config = config_from_args(SmoothnessConfig, args)
     record = start_run(args, config, name="smoothness")
-    result = smoothness_experiment(config, seed=args.seed, device=args.device, progress=not args.no_progress,
+    result = smoothness_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None,
                                    record=record)
     fit_, best = result["fit"], result["best"]
     record.finish(slope=fit_.slope, correlation=fit_.correlation, L0=fit_.L0, L1=fit_.L1,

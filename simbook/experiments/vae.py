@@ -269,7 +269,7 @@ def _run_cli(args) -> int:
     config = config_from_args(VAEExperimentConfig, args)
     record = start_run(args, config, name="vae")
     save = Path(args.save)
-    result = vae_experiment(config, seed=args.seed, device=args.device, progress=not args.no_progress, record=record,
+    result = vae_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None, record=record,
                             checkpoint_dir=save / "checkpoint", checkpoint_every=args.checkpoint_every,
                             resume=args.resume)
     record.finish(**result["metrics"])

@@ -177,6 +177,17 @@ class GradientClipper:
 
     def clip_tensors(self, grads: torch.Tensor | Iterable[torch.Tensor]) -> float:
         grads = _check_gradients(grads, "grads")
+        norm, coefficient = self._measure(grads)
+        if math.isfinite(norm):
+            _scale_(grads, coefficient)
+        return norm
+
+    def measure(self, grads: torch.Tensor | Iterable[torch.Tensor]) -> tuple[float, float]:
+        """Record a call like `clip_tensors` but leave the gradients as they are: returns (pre-clip norm, factor),
+        the factor NaN where the step is to be skipped. For an optimizer that applies the factor itself."""
+        return self._measure(_check_gradients(grads, "grads"))
+
+    def _measure(self, grads: list[torch.Tensor]) -> tuple[float, float]:
         norm = global_norm(grads)
         if not math.isfinite(norm):
             if self.nonfinite == "raise":
@@ -184,12 +195,11 @@ class GradientClipper:
             self.skipped_steps.append(len(self.norms))
             self.norms.append(norm)
             self.coefficients.append(math.nan)
-            return norm
+            return norm, math.nan
         coefficient = clip_coefficient(norm, self.max_norm, self.mode)
-        _scale_(grads, coefficient)
         self.norms.append(norm)
         self.coefficients.append(coefficient)
-        return norm
+        return norm, coefficient
 
     @property
     def clipped(self) -> list[bool]:
@@ -208,6 +218,12 @@ class GradientClipper:
                 "skipped": [i in skipped for i in range(len(self.norms))]}
 
 # %% ../../nbs/12_gradient_clipping.ipynb #c015
+def _fused_with_grad_scale(optimizer) -> bool:
+    """Does `optimizer` scale gradients inside its fused kernel (torch's fused Adam, AdamW, SGD read `grad_scale`)?"""
+    return (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
 class ClippedOptimizer:
     """Wrap any torch optimizer so that `step()` first clips the global gradient norm (a `GradientClipper`, kept as
     `.clipper` with its records), then updates. Under `nonfinite="skip"` a step with a NaN/inf gradient norm does
@@ -220,15 +236,26 @@ class ClippedOptimizer:
     step. `param_groups`, `state`, `state_dict()` and the rest come from the wrapped optimizer; give learning-rate
     schedulers `.optimizer`. All parameters must be on one device.
 
+    Around a fused torch optimizer (`Adam`, `AdamW` or `SGD` with `fused=True` in every group) the clip is folded into
+    the optimizer's own pass (`fold="auto"`): the wrapper only measures the norm and, when the clip bites, sets the
+    optimizer's `grad_scale` (the hook `torch.amp.GradScaler` uses) to 1/factor, so that the fused kernel scales each
+    gradient as it reads it; no separate multiply over the gradients. `fold=False` always clips first.
+
     Defined in: *Why gradient clipping speeds up training*, section "A wrapper for any optimizer"."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, *, mode: str = "hard",
-                 nonfinite: str = "raise", flat: bool = True):
+                 nonfinite: str = "raise", flat: bool = True, fold: bool | str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(flat, bool):
             raise TypeError(f"flat must be a bool, got {type(flat).__name__}")
+        if fold not in ("auto", True, False):
+            raise ValueError(f"fold must be 'auto', True or False, got {fold!r}")
+        fusable = _fused_with_grad_scale(optimizer)
+        if fold is True and not fusable:
+            raise ValueError("fold=True needs a fused torch Adam, AdamW or SGD (fused=True in every parameter group)")
         self.optimizer = optimizer
+        self.fold = fusable if fold == "auto" else fold
         self.clipper = GradientClipper(max_norm, mode=mode, nonfinite=nonfinite)
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not self.params:
@@ -273,7 +300,8 @@ class ClippedOptimizer:
         return getattr(self.optimizer, name)
 
     def __repr__(self) -> str:
-        return f"ClippedOptimizer({type(self.optimizer).__name__}, {self.clipper!r}, flat={self.flat})"
+        return (f"ClippedOptimizer({type(self.optimizer).__name__}, {self.clipper!r}, flat={self.flat}, "
+                f"fold={self.fold})")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not self.flat:
@@ -295,8 +323,23 @@ class ClippedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if math.isfinite(self.clip()):
+        if not self.fold:
+            if math.isfinite(self.clip()):
+                self.optimizer.step()
+            return loss
+        if self.flat:
+            self._attach()
+        grads = self.buffers if self.flat else [p.grad for p in self.params if p.grad is not None]
+        norm, coefficient = self.clipper.measure(grads)
+        if not math.isfinite(norm):
+            return loss                                         # skipped (nonfinite="skip")
+        if coefficient != 1.0:                                  # the fused kernel divides each gradient by grad_scale
+            self.optimizer.grad_scale = torch.tensor(1.0 / coefficient, dtype=torch.float32,
+                                                     device=self.params[0].device)
+        try:
             self.optimizer.step()
+        finally:
+            self.optimizer.__dict__.pop("grad_scale", None)
         return loss
 
     def state_dict(self) -> dict:
@@ -305,7 +348,7 @@ class ClippedOptimizer:
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
 
-# %% ../../nbs/12_gradient_clipping.ipynb #c027
+# %% ../../nbs/12_gradient_clipping.ipynb #c029
 def _check_point(values, params, name: str) -> list[torch.Tensor]:
     values = list(values)
     if len(values) != len(params):
@@ -372,7 +415,7 @@ def local_smoothness(closure: Callable[[], torch.Tensor], parameters: Iterable[t
                 p.copy_(v)
     return best
 
-# %% ../../nbs/12_gradient_clipping.ipynb #c029
+# %% ../../nbs/12_gradient_clipping.ipynb #c031
 @dataclass
 class SmoothnessFit:
     """Fits of local smoothness L against gradient norm ‖g‖: the line log L = intercept + slope·log‖g‖ with the
