@@ -45,5 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         parser.exit(2, f"simbook {args.command}: error: {e}\n")
 
+
+if __name__ == "__main__":          # `python -m simbook.cli ...`, and `torchrun -m simbook.cli ...`
+    raise SystemExit(main())
+
 # %% auto #0
 __all__ = ['experiment_modules', 'build_parser', 'main']
