@@ -15,7 +15,8 @@ from ..decoding import (StepDecoder, greedy, language_model_loss, non_terminatio
 from ..models.gpt import GPT
 from ..optim.clipping import GradientClipper
 from ..optim.mgs import MGS, _check_alpha, loaded_parameters
-from ..training import add_config_arguments, add_run_arguments, config_from_args, fit, start_run
+from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
+                              start_run)
 from ..utils import check_positive_int
 
 # %% auto #0
@@ -313,6 +314,8 @@ def _run_cli(args) -> int:
     ess = sum(t["ess"] for t in trace) / len(trace)
     record.finish(**{f"{name} {metric}": results[name][metric] for name in ("pretrained", "MLE", "MGS")
                      for metric in ("repeat_4", "non_termination", "mean_length", "perplexity")}, mgs_mean_ess=ess)
+    if not is_main_process():                           # under torchrun: one process reports
+        return 0
     print(f"greedy continuations of {config.num_prompts} held-out prompts (cap {config.cap} tokens), "
           f"held-out perplexity")
     print(format_repetition_table(results))

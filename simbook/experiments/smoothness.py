@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ..optim.clipping import GradientClipper, _check_max_norm, fit_smoothness, global_norm, local_smoothness
-from ..training import add_config_arguments, add_run_arguments, config_from_args, fit, start_run
+from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
+                              start_run)
 from ..utils import check_positive_int
 
 # %% auto #0
@@ -275,6 +276,8 @@ def _run_cli(args) -> int:
                   best_plain_held_out=result["runs"][(False, best[False])]["held_out"],
                   best_clipped_held_out=result["runs"][(True, best[True])]["held_out"],
                   vocab_size=result["vocab_size"])
+    if not is_main_process():                           # under torchrun: one process reports
+        return 0
     print(f"char LSTM (embed {config.embed_size}, hidden {config.hidden_size}, vocabulary {result['vocab_size']}) "
           f"on People's Daily, batch {config.batch_size} x {config.seq_len} characters")
     print(format_smoothness_report(result))

@@ -14,7 +14,8 @@ from torch import nn
 from ..models.vae import (IMAGE_DIM, VAE, VAEConfig, _check_objective, _mlp, active_units,
                                 aggregate_posterior_samples, check_pixels, elbo, encode_all, gaussian_fit_kl,
                                 kl_per_dimension, mmd, pixels_to_unit, reconstruction_error, vae_loss)
-from ..training import add_config_arguments, add_run_arguments, config_from_args, fit, start_run
+from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
+                              start_run)
 from ..utils import check_positive_int, check_tensor
 
 # %% auto #0
@@ -273,6 +274,8 @@ def _run_cli(args) -> int:
                             checkpoint_dir=save / "checkpoint", checkpoint_every=args.checkpoint_every,
                             resume=args.resume)
     record.finish(**result["metrics"])
+    if not is_main_process():                           # under torchrun: one process reports and saves
+        return 0
     name = f"{config.arch} d={config.latent_dim} {config.regulariser} beta={config.beta:g} {config.reduction}"
     print(f"held-out digits: {len(result['data']['test_x'])}; training digits: {len(result['data']['train_x'])}; "
           f"epochs: {config.epochs}")
