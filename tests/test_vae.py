@@ -515,3 +515,24 @@ def test_bad_arguments(small):
         confident_share(DigitClassifier(), x, threshold=1.5)
     with pytest.raises(ValueError, match="y has size"):
         train_classifier(x, torch.zeros(3, dtype=torch.long))
+
+
+def test_cli_under_torchrun_gives_the_one_process_losses(tmp_path):
+    """`simbook vae` runs unchanged under torchrun (2 gloo processes): the same per-step losses as one process."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this interpreter")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["vae", "--epochs", "1", "--classifier-epochs", "1", "--device", "cpu", "--no-progress"]
+    one = _cli(*args, "--save", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "simbook.cli", *args, "--save",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env,
+                         stdin=subprocess.DEVNULL)
+    assert two.returncode == 0, two.stderr[-2000:]
+    records = [json.loads((tmp_path / name / "record.json").read_text()) for name in ("one", "two")]
+    one_losses, two_losses = dict(records[0]["losses"]), dict(records[1]["losses"])    # [step, loss] pairs
+    assert one_losses.keys() == two_losses.keys() and len(one_losses) >= 4
+    for step, loss in one_losses.items():
+        assert two_losses[step] == pytest.approx(loss, rel=1e-5)
+    assert two.stdout.count("saved to") == 1                    # one process reports
