@@ -269,7 +269,8 @@ def test_cli_runs_a_tiny_experiment(capsys, tmp_path):
     record = json.loads((save / "record.json").read_text())
     assert record["status"] == "finished" and record["config"]["steps"] == 3 and "slope" in record["final"]
     assert record["command"]
-    for bad, message in [(["--max-norm", "0"], "max_norm"), (["--device", "tpu"], "device")]:
+    for bad, message in [(["--max-norm", "0"], "max_norm"), (["--device", "tpu"], "device"),
+                         (["--resume"], "keeps no checkpoint")]:
         with pytest.raises(SystemExit) as exit_info:
             main(["smoothness", *bad, "--steps", "1", "--no-progress", "--save", str(tmp_path / "bad")])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -306,6 +306,9 @@ def format_repetition_table(results: dict) -> str:
 
 # %% ../../nbs/13b_mgs_experiments.ipynb #c018
 def _run_cli(args) -> int:
+    if args.resume:
+        raise ValueError("--resume: the mgs experiment (a pretraining and two short fine-tunings) keeps no "
+                         "checkpoint: run it again")
     config = config_from_args(RepetitionConfig, args)
     record = start_run(args, config, name="mgs")
     results = repetition_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None,

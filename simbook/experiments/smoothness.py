@@ -266,6 +266,9 @@ def format_smoothness_report(result: dict) -> str:
 
 # %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c015
 def _run_cli(args) -> int:
+    if args.resume:
+        raise ValueError("--resume: the smoothness experiment is a series of short runs and keeps no checkpoint: "
+                         "run it again")
     config = config_from_args(SmoothnessConfig, args)
     record = start_run(args, config, name="smoothness")
     result = smoothness_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None,
