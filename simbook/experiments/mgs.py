@@ -311,7 +311,8 @@ def _run_cli(args) -> int:
                          "checkpoint: run it again")
     config = config_from_args(RepetitionConfig, args)
     record = start_run(args, config, name="mgs")
-    results = repetition_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None,
+    progress = False if args.no_progress else None              # None: a bar when stderr is a terminal
+    results = repetition_experiment(config, seed=args.seed, device=args.device, progress=progress,
                                     record=record)
     trace = results["mgs_trace"]
     ess = sum(t["ess"] for t in trace) / len(trace)

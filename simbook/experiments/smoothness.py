@@ -271,7 +271,8 @@ def _run_cli(args) -> int:
                          "run it again")
     config = config_from_args(SmoothnessConfig, args)
     record = start_run(args, config, name="smoothness")
-    result = smoothness_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None,
+    progress = False if args.no_progress else None              # None: a bar when stderr is a terminal
+    result = smoothness_experiment(config, seed=args.seed, device=args.device, progress=progress,
                                    record=record)
     fit_, best = result["fit"], result["best"]
     record.finish(slope=fit_.slope, correlation=fit_.correlation, L0=fit_.L0, L1=fit_.L1,

@@ -221,7 +221,8 @@ class VAEExperimentConfig:
             check_positive_int(getattr(self, name), name)
         if self.regulariser not in ("kl", "naive", "none"):
             raise ValueError(f"regulariser must be 'kl', 'naive' or 'none', got {self.regulariser!r}")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not (self.lr > 0 and math.isfinite(self.lr)):
+        lr = self.lr
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         self.model_config()                                  # refuse a bad architecture before loading anything
         _check_objective(self.objective, self.beta, self.reduction, self.variational)
@@ -270,7 +271,8 @@ def _run_cli(args) -> int:
     config = config_from_args(VAEExperimentConfig, args)
     record = start_run(args, config, name="vae")
     save = Path(args.save)
-    result = vae_experiment(config, seed=args.seed, device=args.device, progress=False if args.no_progress else None, record=record,
+    progress = False if args.no_progress else None              # None: a bar when stderr is a terminal
+    result = vae_experiment(config, seed=args.seed, device=args.device, progress=progress, record=record,
                             checkpoint_dir=save / "checkpoint", checkpoint_every=args.checkpoint_every,
                             resume=args.resume)
     record.finish(**result["metrics"])

@@ -275,7 +275,8 @@ def mgs_direction(model: nn.Module, task_loss: Callable[[Params], torch.Tensor],
         if surrogate_loss is not None:
             raise ValueError("give either surrogate_loss or guide, not both")
         if set(guide) != set(params):
-            raise ValueError(f"guide must name the trainable parameters; differs in {sorted(set(guide) ^ set(params))[:5]}")
+            differ = sorted(set(guide) ^ set(params))[:5]
+            raise ValueError(f"guide must name the trainable parameters; differs in {differ}")
         guide = {name: u.detach() for name, u in guide.items()}
     elif surrogate_loss is None:
         if relative_noise:
