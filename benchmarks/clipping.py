@@ -9,10 +9,13 @@ to simbook's, for 1 and 2 threads (CPU) or on CUDA when present:
 * norm      torch.nn.utils.get_total_norm(grads)  vs  simbook.optim.clipping.global_norm(flat buffer)
 * clip, γ > ‖g‖   clip_grad_norm_ when clipping does not bite  vs  ClippedOptimizer.clip()
 * clip, γ < ‖g‖   the same when it bites (the gradients are restored, untimed, before every call)
+* fused step      clip_grad_norm_ + a fused AdamW (or SGD) step  vs  ClippedOptimizer around the same fused
+                  optimizer, which folds the clip into the optimizer's `grad_scale`: the clip costs only the norm
 
-It also prints each norm's relative error against an fp64 reference.
+It also prints each norm's relative error against an fp64 reference, and for the fused steps the largest relative
+difference between the parameters after one step of each (from the same parameters, gradients and state).
 
-    python benchmarks/clipping.py [--repeats 31] [--threads 1 2] [--device cpu|cuda]
+    python benchmarks/clipping.py [--repeats 31] [--threads 1 2] [--device cpu|cuda] [--only fused]
 """
 import argparse
 import statistics
@@ -56,6 +59,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=["clip", "fused"], default=None, help="run one group of rows")
     args = parser.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -104,12 +108,64 @@ def main() -> None:
             ("clip, gamma < |g|", lambda: torch.nn.utils.clip_grad_norm_(torch_params, 0.5 * reference).item(),
              lambda: ours_clip(0.5 * reference), restore),
         ]
+        if args.only == "fused":
+            rows = []
         for name, theirs, ours, before in rows:
             for _ in range(3):                                     # warm-up
                 before(), theirs(), before(), ours()
             t_theirs, t_ours, ratio = paired(theirs, ours, args.repeats, sync, before)
             print(f"  {name:<18} torch {t_theirs * 1e3:7.2f} ms   simbook {t_ours * 1e3:7.2f} ms   "
                   f"ratio (torch / simbook, median of pairs) {ratio:.2f}x")
+
+
+        if args.only != "clip":
+            fused_steps(sizes, grads, reference, args.repeats, sync, device)
+
+
+# passes over memory per parameter (float32 streams), for the chapter's table
+PASSES = {"AdamW": {"fused step": 7, "clip_grad_norm_ + step": 10, "folded": 9},
+          "SGD": {"fused step": 3, "clip_grad_norm_ + step": 6, "folded": 5}}
+
+
+def fused_steps(sizes, grads, reference, repeats, sync, device) -> None:
+    """clip_grad_norm_ + fused step vs the folded ClippedOptimizer step, for AdamW and plain SGD, with a clip that
+    bites (gamma = half the norm)."""
+    gamma = 0.5 * reference
+    makers = {"AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),
+              "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-3, fused=True)}
+    for name, make in makers.items():
+        start = [torch.randn(s, generator=torch.Generator().manual_seed(i)).to(device) for i, s in enumerate(sizes)]
+        theirs_params = [torch.nn.Parameter(x.clone()) for x in start]
+        ours_params = [torch.nn.Parameter(x.clone()) for x in start]
+        theirs_opt = make(theirs_params)
+        ours_opt = ClippedOptimizer(make(ours_params), gamma)
+        assert ours_opt.fold
+
+        def restore():
+            with torch.no_grad():
+                for p, g in zip(theirs_params, grads):
+                    if p.grad is None:
+                        p.grad = g.clone()
+                    p.grad.copy_(g)
+                for p, g in zip(ours_params, grads):
+                    p.grad.copy_(g)
+
+        def theirs():
+            torch.nn.utils.clip_grad_norm_(theirs_params, gamma)
+            theirs_opt.step()
+
+        restore()
+        theirs(), ours_opt.step()                               # one step each from the same point: same result?
+        sync()
+        worst = max(((p - q).norm() / q.norm()).item() for p, q in zip(ours_params, theirs_params))
+        for _ in range(3):                                      # warm-up
+            restore(), theirs(), restore(), ours_opt.step()
+        t_theirs, t_ours, ratio = paired(theirs, ours_opt.step, repeats, sync, restore)
+        passes = PASSES[name]
+        print(f"  fused {name:<6} clip bites: clip_grad_norm_ + step {t_theirs * 1e3:7.2f} ms   folded "
+              f"{t_ours * 1e3:7.2f} ms   ratio {ratio:.2f}x   (passes over memory {passes['clip_grad_norm_ + step']} "
+              f"vs {passes['folded']}: at most {passes['clip_grad_norm_ + step'] / passes['folded']:.2f}x)   "
+              f"parameters after one step differ by {worst:.1e} (relative)")
 
 
 if __name__ == "__main__":

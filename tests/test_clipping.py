@@ -1,6 +1,7 @@
 """simbook.optim.clipping: equality with torch's clip_grad_norm_, an fp64-accurate norm, the factor-2 equivalence of
 hard and soft clipping, the NaN/inf policy, the optimizer wrapper, the smoothness estimator and bad input."""
 import copy
+import json
 import math
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simbook.optim.clipping import (ClippedOptimizer, GradientClipper, LSTMLanguageModel, char_stream,
-                                    clip_coefficient, clip_grad_norm, fit_smoothness, global_norm, local_smoothness)
+from simbook.experiments.smoothness import (LSTMLanguageModel, SmoothnessConfig, char_stream, smoothness_trajectory,
+                                            train_lm)
+from simbook.optim.clipping import (ClippedOptimizer, GradientClipper, clip_coefficient, clip_grad_norm, fit_smoothness,
+                                    global_norm, local_smoothness)
 from simbook.utils import optimizer_step
 
 
@@ -62,7 +65,8 @@ def test_optimizer_step_clip_argument():
     a, b, c = _net(), _net(), _net()
     x = torch.randn(4, 7, generator=torch.Generator().manual_seed(3))
     clipper = GradientClipper(0.1)
-    optimizer_step(torch.optim.SGD(a.parameters(), lr=0.5), a(x).pow(2).sum(), 0, clip=0.1)
+    wrapped = ClippedOptimizer(torch.optim.SGD(a.parameters(), lr=0.5), 0.1, flat=False)
+    optimizer_step(wrapped, a(x).pow(2).sum(), 0)
     optimizer_step(torch.optim.SGD(b.parameters(), lr=0.5), b(x).pow(2).sum(), 0, clip=clipper)
     opt = torch.optim.SGD(c.parameters(), lr=0.5)
     opt.zero_grad()
@@ -171,7 +175,7 @@ def test_optimizer_step_names_the_step_of_a_nonfinite_gradient():
     net[0].weight.register_hook(lambda g: g * float("nan"))        # a finite loss with a NaN gradient
     loss = net(torch.randn(4, 7)).sum()
     with pytest.raises(FloatingPointError, match="gradient norm is nan.* at step 9"):
-        optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), loss, 9, clip=1.0)
+        optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), loss, 9, clip=GradientClipper(1.0))
 
 
 # --- the flat buffer ---------------------------------------------------------------------------------------------------
@@ -253,16 +257,48 @@ def test_lstm_language_model_and_stream():
         char_stream([])
 
 
-def test_cli_runs_a_tiny_experiment(capsys):
+def test_cli_runs_a_tiny_experiment(capsys, tmp_path):
     from simbook.cli import main
 
+    save = tmp_path / "run"
     assert main(["smoothness", "--steps", "3", "--compare-steps", "3", "--lrs", "1", "--clipped-lrs", "1",
-                 "--embed", "4", "--hidden", "8", "--batch-size", "2", "--seq-len", "8", "--no-progress"]) == 0
+                 "--embed-size", "4", "--hidden-size", "8", "--batch-size", "2", "--seq-len", "8", "--no-progress",
+                 "--device", "cpu", "--save", str(save)]) == 0
     out = capsys.readouterr().out
     assert "log-log slope" in out and "clip 0.25" in out
-    with pytest.raises(SystemExit):
-        main(["smoothness", "--max-norm", "0", "--steps", "1", "--no-progress"])
-    assert "max_norm" in capsys.readouterr().err
+    record = json.loads((save / "record.json").read_text())
+    assert record["status"] == "finished" and record["config"]["steps"] == 3 and "slope" in record["final"]
+    assert record["command"]
+    for bad, message in [(["--max-norm", "0"], "max_norm"), (["--device", "tpu"], "device"),
+                         (["--resume"], "keeps no checkpoint")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["smoothness", *bad, "--steps", "1", "--no-progress", "--save", str(tmp_path / "bad")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from simbook.cli import build_parser
+    from simbook.training import config_from_args
+
+    args = build_parser().parse_args(["smoothness"])
+    assert config_from_args(SmoothnessConfig, args) == SmoothnessConfig()
+    assert SmoothnessConfig().steps == 500 and SmoothnessConfig.small().steps == 200
+
+
+def test_trajectory_and_training_loops_run_through_the_trainer():
+    stream, tok = char_stream(["今天天气不错，明天也不错"] * 4, vocab=20)
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(tok.vocab_size, embed_size=4, hidden_size=8)
+    record = smoothness_trajectory(model, stream, steps=4, lr=1.0, batch_size=2, seq_len=6, device="cpu")
+    assert [len(record[k]) for k in ("loss", "grad_norm", "smoothness")] == [4, 4, 4]
+    assert all(v > 0 for v in record["grad_norm"] + record["smoothness"])
+    torch.manual_seed(0)
+    again = LSTMLanguageModel(tok.vocab_size, embed_size=4, hidden_size=8)
+    assert train_lm(again, stream, steps=4, lr=1.0, batch_size=2, seq_len=6, device="cpu") == record["loss"]
+    torch.manual_seed(0)
+    diverging = LSTMLanguageModel(tok.vocab_size, embed_size=4, hidden_size=8)
+    losses = train_lm(diverging, stream, steps=20, lr=math.inf, batch_size=2, seq_len=6, device="cpu")
+    assert losses[-1] == math.inf and len(losses) < 20
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------------
@@ -283,8 +319,9 @@ def test_bad_thresholds_and_choices():
         GradientClipper(1.0, nonfinite="ignore")
     with pytest.raises(ValueError, match="norm must be a finite number"):
         clip_coefficient(float("nan"), 1.0)
-    with pytest.raises(TypeError, match="max_norm must be a number"):
-        optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), net(torch.randn(1, 7)).sum(), 0, clip="big")
+    for number in (1.0, "big"):                    # the number shortcut is gone: a clip is a callable
+        with pytest.raises(TypeError, match="clip must be None or a callable"):
+            optimizer_step(torch.optim.SGD(net.parameters(), lr=0.1), net(torch.randn(1, 7)).sum(), 0, clip=number)
 
 
 def test_bad_parameter_lists():
@@ -337,3 +374,50 @@ def test_bad_smoothness_input():
         fit_smoothness([1.0, 2.0, float("nan")], [1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="differ in length"):
         fit_smoothness([1.0, 2.0, 3.0], [1.0, 2.0])
+
+
+# --- the clip folded into a fused optimizer ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+                                  lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)])
+@pytest.mark.parametrize("flat", [True, False])
+def test_folded_clip_equals_clip_grad_norm_then_fused_step(make, flat):
+    torch.manual_seed(0)
+    ours, theirs = _net(), _net()
+    theirs.load_state_dict(ours.state_dict())
+    folded = ClippedOptimizer(make(ours.parameters()), 0.5, flat=flat)
+    plain = make(theirs.parameters())
+    assert folded.fold and "fold=True" in repr(folded)
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    for step in range(4):
+        scale = 10.0 if step % 2 else 0.01                          # steps that bite and steps that do not
+        optimizer_step(folded, (ours(x) * scale).pow(2).sum(), step)
+        plain.zero_grad()
+        (theirs(x) * scale).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
+        plain.step()
+        assert not hasattr(folded.optimizer, "grad_scale")         # only ever set for the one step
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert folded.clipper.clipped == [False, True, False, True]
+
+
+def test_fold_is_off_for_unfused_optimizers_and_refused_where_impossible():
+    net = _net()
+    assert not ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1), 1.0).fold
+    assert not ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True), 1.0, fold=False).fold
+    with pytest.raises(ValueError, match="fold=True needs a fused"):
+        ClippedOptimizer(torch.optim.RMSprop(net.parameters(), lr=0.1), 1.0, fold=True)
+    with pytest.raises(ValueError, match="fold must be"):
+        ClippedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), 1.0, fold="yes")
+
+
+def test_folded_clip_skips_a_nonfinite_step():
+    net = _net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = ClippedOptimizer(torch.optim.Adam(net.parameters(), lr=0.1, fused=True), 1.0, nonfinite="skip")
+    net[0].weight.register_hook(lambda g: g * float("nan"))
+    optimizer_step(opt, net(torch.randn(2, 7)).sum(), 0)
+    assert opt.clipper.skipped_steps == [0]
+    assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))

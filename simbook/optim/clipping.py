@@ -10,13 +10,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..utils import check_positive_int, optimizer_step
-
 # %% auto #0
 __all__ = ['CLIP_MODES', 'NONFINITE_POLICIES', 'ROW', 'clip_coefficient', 'global_norm', 'clip_grad_norm', 'GradientClipper',
-           'ClippedOptimizer', 'local_smoothness', 'SmoothnessFit', 'fit_smoothness', 'LSTMLanguageModel',
-           'char_stream', 'lm_loss', 'lm_eval_loss', 'smoothness_trajectory', 'train_lm', 'smoothness_experiment',
-           'format_smoothness_report', 'register_cli']
+           'ClippedOptimizer', 'local_smoothness', 'SmoothnessFit', 'fit_smoothness']
 
 # %% ../../nbs/12_gradient_clipping.ipynb #c005
 CLIP_MODES = ("hard", "soft", "normalize")
@@ -181,6 +177,17 @@ class GradientClipper:
 
     def clip_tensors(self, grads: torch.Tensor | Iterable[torch.Tensor]) -> float:
         grads = _check_gradients(grads, "grads")
+        norm, coefficient = self._measure(grads)
+        if math.isfinite(norm):
+            _scale_(grads, coefficient)
+        return norm
+
+    def measure(self, grads: torch.Tensor | Iterable[torch.Tensor]) -> tuple[float, float]:
+        """Record a call like `clip_tensors` but leave the gradients as they are: returns (pre-clip norm, factor),
+        the factor NaN where the step is to be skipped. For an optimizer that applies the factor itself."""
+        return self._measure(_check_gradients(grads, "grads"))
+
+    def _measure(self, grads: list[torch.Tensor]) -> tuple[float, float]:
         norm = global_norm(grads)
         if not math.isfinite(norm):
             if self.nonfinite == "raise":
@@ -188,12 +195,11 @@ class GradientClipper:
             self.skipped_steps.append(len(self.norms))
             self.norms.append(norm)
             self.coefficients.append(math.nan)
-            return norm
+            return norm, math.nan
         coefficient = clip_coefficient(norm, self.max_norm, self.mode)
-        _scale_(grads, coefficient)
         self.norms.append(norm)
         self.coefficients.append(coefficient)
-        return norm
+        return norm, coefficient
 
     @property
     def clipped(self) -> list[bool]:
@@ -212,6 +218,12 @@ class GradientClipper:
                 "skipped": [i in skipped for i in range(len(self.norms))]}
 
 # %% ../../nbs/12_gradient_clipping.ipynb #c015
+def _fused_with_grad_scale(optimizer) -> bool:
+    """Does `optimizer` scale gradients inside its fused kernel (torch's fused Adam, AdamW, SGD read `grad_scale`)?"""
+    return (type(optimizer) in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
 class ClippedOptimizer:
     """Wrap any torch optimizer so that `step()` first clips the global gradient norm (a `GradientClipper`, kept as
     `.clipper` with its records), then updates. Under `nonfinite="skip"` a step with a NaN/inf gradient norm does
@@ -224,15 +236,26 @@ class ClippedOptimizer:
     step. `param_groups`, `state`, `state_dict()` and the rest come from the wrapped optimizer; give learning-rate
     schedulers `.optimizer`. All parameters must be on one device.
 
+    Around a fused torch optimizer (`Adam`, `AdamW` or `SGD` with `fused=True` in every group) the clip is folded into
+    the optimizer's own pass (`fold="auto"`): the wrapper only measures the norm and, when the clip bites, sets the
+    optimizer's `grad_scale` (the hook `torch.amp.GradScaler` uses) to 1/factor, so that the fused kernel scales each
+    gradient as it reads it; no separate multiply over the gradients. `fold=False` always clips first.
+
     Defined in: *Why gradient clipping speeds up training*, section "A wrapper for any optimizer"."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, *, mode: str = "hard",
-                 nonfinite: str = "raise", flat: bool = True):
+                 nonfinite: str = "raise", flat: bool = True, fold: bool | str = "auto"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(flat, bool):
             raise TypeError(f"flat must be a bool, got {type(flat).__name__}")
+        if fold not in ("auto", True, False):
+            raise ValueError(f"fold must be 'auto', True or False, got {fold!r}")
+        fusable = _fused_with_grad_scale(optimizer)
+        if fold is True and not fusable:
+            raise ValueError("fold=True needs a fused torch Adam, AdamW or SGD (fused=True in every parameter group)")
         self.optimizer = optimizer
+        self.fold = fusable if fold == "auto" else fold
         self.clipper = GradientClipper(max_norm, mode=mode, nonfinite=nonfinite)
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not self.params:
@@ -277,7 +300,8 @@ class ClippedOptimizer:
         return getattr(self.optimizer, name)
 
     def __repr__(self) -> str:
-        return f"ClippedOptimizer({type(self.optimizer).__name__}, {self.clipper!r}, flat={self.flat})"
+        return (f"ClippedOptimizer({type(self.optimizer).__name__}, {self.clipper!r}, flat={self.flat}, "
+                f"fold={self.fold})")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not self.flat:
@@ -299,8 +323,23 @@ class ClippedOptimizer:
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if math.isfinite(self.clip()):
+        if not self.fold:
+            if math.isfinite(self.clip()):
+                self.optimizer.step()
+            return loss
+        if self.flat:
+            self._attach()
+        grads = self.buffers if self.flat else [p.grad for p in self.params if p.grad is not None]
+        norm, coefficient = self.clipper.measure(grads)
+        if not math.isfinite(norm):
+            return loss                                         # skipped (nonfinite="skip")
+        if coefficient != 1.0:                                  # the fused kernel divides each gradient by grad_scale
+            self.optimizer.grad_scale = torch.tensor(1.0 / coefficient, dtype=torch.float32,
+                                                     device=self.params[0].device)
+        try:
             self.optimizer.step()
+        finally:
+            self.optimizer.__dict__.pop("grad_scale", None)
         return loss
 
     def state_dict(self) -> dict:
@@ -309,7 +348,7 @@ class ClippedOptimizer:
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
 
-# %% ../../nbs/12_gradient_clipping.ipynb #c027
+# %% ../../nbs/12_gradient_clipping.ipynb #c029
 def _check_point(values, params, name: str) -> list[torch.Tensor]:
     values = list(values)
     if len(values) != len(params):
@@ -376,7 +415,7 @@ def local_smoothness(closure: Callable[[], torch.Tensor], parameters: Iterable[t
                 p.copy_(v)
     return best
 
-# %% ../../nbs/12_gradient_clipping.ipynb #c029
+# %% ../../nbs/12_gradient_clipping.ipynb #c031
 @dataclass
 class SmoothnessFit:
     """Fits of local smoothness L against gradient norm ‖g‖: the line log L = intercept + slope·log‖g‖ with the
@@ -427,240 +466,3 @@ def fit_smoothness(grad_norms, smoothness) -> SmoothnessFit:
     L0, L1 = min(feasible, key=lambda c: (A @ c - target).square().sum().item()).tolist()
     return SmoothnessFit(slope=slope.item(), intercept=(y.mean() - slope * x.mean()).item(),
                          correlation=correlation.item(), L0=L0, L1=L1, count=g.numel())
-
-# %% ../../nbs/12_gradient_clipping.ipynb #c033
-class LSTMLanguageModel(nn.Module):
-    """A character LSTM language model, the paper's kind of model at toy size: embedding → LSTM → linear head.
-    `forward(input_ids [B, T]) -> logits [B, T, V]`.
-
-    Defined in: *Why gradient clipping speeds up training*, section "The paper's evidence on a real language model"."""
-
-    def __init__(self, vocab_size: int, *, embed_size: int = 64, hidden_size: int = 128, num_layers: int = 1):
-        super().__init__()
-        for name, value in [("vocab_size", vocab_size), ("embed_size", embed_size), ("hidden_size", hidden_size),
-                            ("num_layers", num_layers)]:
-            check_positive_int(value, name)
-        self.vocab_size = vocab_size
-        self.embed = nn.Embedding(vocab_size, embed_size)
-        self.lstm = nn.LSTM(embed_size, hidden_size, num_layers=num_layers, batch_first=True)
-        self.head = nn.Linear(hidden_size, vocab_size)
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            raise ValueError("input_ids must be an integer tensor [B, T]")
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= self.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, {self.vocab_size})")
-        hidden, _ = self.lstm(self.embed(input_ids))                # [B, T, H]
-        return self.head(hidden)                                    # [B, T, V]
-
-
-def char_stream(texts: Sequence[str], *, vocab: int = 1000) -> tuple[torch.Tensor, object]:
-    """One long id sequence of `texts` (each followed by `[SEP]`) with a character tokenizer of at most `vocab`
-    tokens (rarer characters become `[UNK]`). Returns (ids [N], tokenizer).
-
-    Defined in: *Why gradient clipping speeds up training*, section "The paper's evidence on a real language model"."""
-    from simbook.text import CharTokenizer
-
-    texts = list(texts)
-    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-        raise ValueError("texts must be a non-empty list of non-empty strings")
-    tokenizer = CharTokenizer.build(texts, max_size=check_positive_int(vocab, "vocab", minimum=6))
-    ids = []
-    for text in texts:
-        ids += tokenizer.encode(text) + [tokenizer.sep_id]
-    return torch.tensor(ids), tokenizer
-
-
-def _windows(stream: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-    starts = torch.randint(len(stream) - seq_len - 1, (batch_size,), generator=generator)
-    return stream[starts[:, None] + torch.arange(seq_len + 1)]        # [B, T + 1]
-
-
-def lm_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
-    """Mean next-character cross-entropy on windows `[B, T + 1]`.
-
-    Defined in: *Why gradient clipping speeds up training*, section "The paper's evidence on a real language model"."""
-    logits = model(window[:, :-1])
-    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
-
-
-@torch.no_grad()
-def lm_eval_loss(model: nn.Module, stream: torch.Tensor, *, seq_len: int = 64, batches: int = 8,
-                 batch_size: int = 32, seed: int = 1) -> float:
-    """Loss on `batches` fixed random windows of `stream` (a held-out part).
-
-    Defined in: *Why gradient clipping speeds up training*, section "The paper's evidence on a real language model"."""
-    generator = torch.Generator().manual_seed(seed)
-    return sum(lm_loss(model, _windows(stream, batch_size, seq_len, generator)).item()
-               for _ in range(batches)) / batches
-
-# %% ../../nbs/12_gradient_clipping.ipynb #c035
-def smoothness_trajectory(model: nn.Module, stream: torch.Tensor, *, steps: int, lr: float, batch_size: int = 32,
-                          seq_len: int = 64, max_norm: float | None = None, fractions: Sequence[float] = (0.5,),
-                          seed: int = 0, progress: bool = False) -> dict[str, list[float]]:
-    """Train `model` on random windows of `stream` with plain SGD (hard-clipped at `max_norm` if given) and record,
-    every step, the loss, the gradient norm ‖∇f(x_k)‖ and the local smoothness between x_k and x_{k+1} on that
-    step's minibatch. Returns {"loss", "grad_norm", "smoothness"}.
-
-    Defined in: *Why gradient clipping speeds up training*, section "The paper's evidence on a real language model"."""
-    from tqdm import tqdm
-
-    check_positive_int(steps, "steps")
-    generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr)
-    clipper = None if max_norm is None else GradientClipper(max_norm)
-    raw: list[torch.Tensor] = []
-
-    def keep_raw_gradient(parameters):          # ∇f(x_k) before clipping, for the smoothness estimate
-        raw[:] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in parameters]
-        return global_norm(raw) if clipper is None else clipper(parameters)
-
-    record = {"loss": [], "grad_norm": [], "smoothness": []}
-    model.train()
-    for step in tqdm(range(steps), desc="smoothness trajectory", disable=not progress):
-        window = _windows(stream, batch_size, seq_len, generator)
-        start = [p.detach().clone() for p in params]
-        record["loss"].append(optimizer_step(optimizer, lm_loss(model, window), step, clip=keep_raw_gradient))
-        record["grad_norm"].append(global_norm(raw))
-        end = [p.detach().clone() for p in params]
-        record["smoothness"].append(local_smoothness(lambda: lm_loss(model, window), params, start, end,
-                                                     start_grad=raw, fractions=fractions))
-    model.eval()
-    return record
-
-
-def train_lm(model: nn.Module, stream: torch.Tensor, *, steps: int, lr: float, max_norm: float | None = None,
-             mode: str = "hard", batch_size: int = 32, seq_len: int = 64, seed: int = 0,
-             progress: bool = False) -> list[float]:
-    """Plain SGD on random windows of `stream`, through `simbook.utils.optimizer_step` with clipping at `max_norm`
-    (or none); returns the loss of every step, cut short with `inf` where the loss diverged.
-
-    Defined in: *Why gradient clipping speeds up training*, section "The paper's evidence on a real language model"."""
-    from tqdm import tqdm
-
-    check_positive_int(steps, "steps")
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    clip = None if max_norm is None else GradientClipper(max_norm, mode=mode)
-    losses = []
-    model.train()
-    for step in tqdm(range(steps), desc=f"SGD lr={lr:g}" + (f", clip {max_norm:g}" if clip else ""),
-                     disable=not progress):
-        window = _windows(stream, batch_size, seq_len, generator)
-        try:
-            losses.append(optimizer_step(optimizer, lm_loss(model, window), step, clip=clip))
-        except FloatingPointError:              # diverged: the run is over
-            losses.append(math.inf)
-            break
-    model.eval()
-    return losses
-
-# %% ../../nbs/12_gradient_clipping.ipynb #c037
-def smoothness_experiment(*, steps: int = 200, compare_steps: int = 150, lrs: Sequence[float] = (3.0, 10.0, 30.0),
-                          clipped_lrs: Sequence[float] = (10.0, 30.0, 100.0), max_norm: float = 0.25,
-                          trajectory_lr: float | None = None, embed_size: int = 32, hidden_size: int = 64,
-                          batch_size: int = 16, seq_len: int = 32, vocab: int = 800, seed: int = 0,
-                          progress: bool = False) -> dict:
-    """The paper's two LSTM experiments on People's Daily (first 90% to train, last 10% held out):
-
-    1. unclipped SGD at each of `lrs` and hard-clipped SGD (γ = `max_norm`) at each of `clipped_lrs`, `compare_steps`
-       steps each from the same initialisation; the best learning rate of each by held-out loss;
-    2. plain SGD at `trajectory_lr` (default: the best plain learning rate) for `steps` steps from the same
-       initialisation, recording gradient norm and local smoothness every step, and their fit (`fit_smoothness`).
-
-    Returns {"trajectory", "fit", "runs": {(clipped, lr): {"losses", "held_out"}}, "best": {False/True: lr}, ...}.
-    Defined in: *Why gradient clipping speeds up training*, section "The paper's evidence on a real language model"."""
-    from simbook.text import peoples_daily
-
-    for name, value in [("steps", steps), ("compare_steps", compare_steps), ("embed_size", embed_size),
-                        ("hidden_size", hidden_size), ("batch_size", batch_size), ("seq_len", seq_len)]:
-        check_positive_int(value, name)
-    _check_max_norm(max_norm)
-    grids = {"lrs": list(lrs), "clipped_lrs": list(clipped_lrs)}
-    if trajectory_lr is not None:
-        grids["trajectory_lr"] = [trajectory_lr]
-    for name, grid in grids.items():
-        if not grid or not all(isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0 for lr in grid):
-            raise ValueError(f"{name} must be learning rates > 0, got {grid}")
-    stream, tokenizer = char_stream(peoples_daily(), vocab=vocab)
-    split = int(0.9 * len(stream))
-    train, held_out = stream[:split], stream[split:]
-
-    def fresh_model():
-        torch.manual_seed(seed)
-        return LSTMLanguageModel(tokenizer.vocab_size, embed_size=embed_size, hidden_size=hidden_size)
-
-    shape = dict(batch_size=batch_size, seq_len=seq_len, seed=seed, progress=progress)
-    runs = {}
-    for clipped, grid in [(False, lrs), (True, clipped_lrs)]:
-        for lr in grid:
-            model = fresh_model()
-            losses = train_lm(model, train, steps=compare_steps, lr=lr, max_norm=max_norm if clipped else None, **shape)
-            held = lm_eval_loss(model, held_out, seq_len=seq_len) if math.isfinite(losses[-1]) else math.inf
-            runs[(clipped, lr)] = {"losses": losses, "held_out": held}
-    best = {clipped: min((lr for c, lr in runs if c == clipped), key=lambda lr: runs[(clipped, lr)]["held_out"])
-            for clipped in (False, True)}
-    trajectory_lr = best[False] if trajectory_lr is None else trajectory_lr
-    trajectory = smoothness_trajectory(fresh_model(), train, steps=steps, lr=trajectory_lr, **shape)
-    keep = [i for i, (g, L) in enumerate(zip(trajectory["grad_norm"], trajectory["smoothness"])) if g > 0 and L > 0]
-    fit = fit_smoothness([trajectory["grad_norm"][i] for i in keep], [trajectory["smoothness"][i] for i in keep])
-    return {"trajectory": trajectory, "trajectory_lr": trajectory_lr, "fit": fit, "runs": runs, "best": best,
-            "max_norm": max_norm,
-            "vocab_size": tokenizer.vocab_size, "train_chars": len(train)}
-
-
-def format_smoothness_report(result: dict) -> str:
-    """The experiment's numbers as text. Defined in: *Why gradient clipping speeds up training*, section "The
-    paper's evidence on a real language model"."""
-    fit = result["fit"]
-    lines = [f"plain SGD at lr {result['trajectory_lr']:g}, smoothness vs gradient norm over {fit.count} steps: "
-             f"log-log slope {fit.slope:.2f}, "
-             f"correlation of logs {fit.correlation:.2f}, fit L0 = {fit.L0:.3g}, L1 = {fit.L1:.3g}",
-             f"{'SGD':>10} {'lr':>6} {'final train loss':>17} {'held-out loss':>14}"]
-    for (clipped, lr), run in result["runs"].items():
-        losses = run["losses"]
-        tail = losses[-max(1, len(losses) // 10):]
-        train = sum(tail) / len(tail)
-        mark = " *" if result["best"][clipped] == lr else ""
-        name = f"clip {result['max_norm']:g}" if clipped else "plain"
-        lines.append(f"{name:>10} {lr:>6g} {train:>17.3f} {run['held_out']:>14.3f}{mark}")
-    lines.append("* best learning rate of each method (held-out loss); train loss = mean of the last 10% of steps")
-    return "\n".join(lines)
-
-
-def _run_cli(args) -> int:
-    result = smoothness_experiment(steps=args.steps, compare_steps=args.compare_steps, lrs=args.lrs,
-                                   clipped_lrs=args.clipped_lrs, max_norm=args.max_norm,
-                                   trajectory_lr=args.trajectory_lr, embed_size=args.embed, hidden_size=args.hidden,
-                                   batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
-                                   progress=not args.no_progress)
-    print(f"char LSTM (embed {args.embed}, hidden {args.hidden}, vocabulary {result['vocab_size']}) on People's "
-          f"Daily, batch {args.batch_size} x {args.seq_len} characters")
-    print(format_smoothness_report(result))
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add `simbook smoothness`. Defined in: *Why gradient clipping speeds up training*, section "The paper's
-    evidence on a real language model"."""
-    p = subparsers.add_parser("smoothness", help="local smoothness vs gradient norm, clipped vs plain SGD (LSTM LM)",
-                              description="Train a character LSTM on People's Daily with SGD, record local smoothness "
-                                          "and gradient norm every step and fit (L0, L1); then compare plain and "
-                                          "clipped SGD at their best learning rates.")
-    p.add_argument("--steps", type=int, default=500, help="steps of the recorded trajectory (default: 500)")
-    p.add_argument("--compare-steps", type=int, default=500, help="steps of each comparison run (default: 500)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[3.0, 10.0, 30.0],
-                   help="learning rates of plain SGD (default: 3 10 30)")
-    p.add_argument("--clipped-lrs", type=float, nargs="+", default=[10.0, 30.0, 100.0],
-                   help="learning rates of clipped SGD (default: 10 30 100)")
-    p.add_argument("--max-norm", type=float, default=0.25, help="clipping threshold gamma (default: 0.25)")
-    p.add_argument("--trajectory-lr", type=float, default=None,
-                   help="learning rate of the trajectory (default: the best plain one)")
-    p.add_argument("--embed", type=int, default=64, help="embedding size (default: 64)")
-    p.add_argument("--hidden", type=int, default=128, help="LSTM hidden size (default: 128)")
-    p.add_argument("--batch-size", type=int, default=32, help="windows per batch (default: 32)")
-    p.add_argument("--seq-len", type=int, default=64, help="characters per window (default: 64)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
-    p.set_defaults(run=_run_cli)

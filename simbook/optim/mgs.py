@@ -11,20 +11,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..attention.masks import causal_mask
-from ..decoding import (StepDecoder, greedy, language_model_loss, non_termination_ratio, paragraph_corpus,
-                              perplexity, repetition_stats, train_language_model)
-from ..models.gpt import GPT
 from ..utils import check_positive_int, check_tensor
 
 Params = dict[str, torch.Tensor]          # parameter tensors by name, as `named_parameters` gives them
 
 # %% auto #0
-__all__ = ['Params', 'DIGITS_METHODS', 'second_order_step_distribution', 'importance_weights', 'effective_sample_size',
-           'trainable_parameters', 'loaded_parameters', 'evaluate_candidates', 'sample_candidates',
-           'mixture_log_density', 'MGSStep', 'surrogate_step', 'mgs_direction', 'apply_direction', 'load_digits_split',
-           'zero_one_error', 'digits_experiment', 'greedy_repetition', 'repetition_experiment',
-           'format_repetition_table', 'register_cli']
+__all__ = ['Params', 'second_order_step_distribution', 'importance_weights', 'effective_sample_size', 'trainable_parameters',
+           'loaded_parameters', 'evaluate_candidates', 'sample_candidates', 'mixture_log_density', 'MGSStep',
+           'surrogate_step', 'mgs_direction', 'apply_direction', 'MGS']
 
 # %% ../../nbs/13_mgs.ipynb #c011
 def _check_alpha(alpha) -> float:
@@ -257,7 +251,7 @@ def mgs_direction(model: nn.Module, task_loss: Callable[[Params], torch.Tensor],
                   alpha: float = 0.01, noise: float = 0.01, relative_noise: bool = False, mix: float = 0.5,
                   step_size: float = 1.0, max_grad_norm: float | None = None, weighting: str = "tilted",
                   vectorize: bool | None = None, chunk_size: int | None = None,
-                  generator: torch.Generator | None = None) -> MGSStep:
+                  generator: torch.Generator | None = None, guide: Params | None = None) -> MGSStep:
     """Estimate the mean of the step distribution $p(\\Delta)\\propto e^{-[\\ell(\\theta+\\Delta)-\\ell(\\theta)]/\\alpha}$
     of the task loss `task_loss(params)` by self-normalised importance sampling with K = `num_candidates` draws from
     the mixture proposal: a share `mix` around 0, the rest around the surrogate step
@@ -266,7 +260,8 @@ def mgs_direction(model: nn.Module, task_loss: Callable[[Params], torch.Tensor],
     official code's choice). `weighting="importance"` divides by the proposal density (the estimate of the post's
     unrestricted mean, degenerate in high dimension); `"tilted"` does not, which estimates the mean of
     $q(\\Delta)\\,e^{-\\ell(\\theta+\\Delta)/\\alpha}$: the proposal then plays the part of the post's ball.
-    The model is not changed; see `apply_direction`.
+    `guide` passes $u$ itself instead of `surrogate_loss` (e.g. $-\\eta$ times the gradients a training loop has
+    already backpropagated and clipped: the `MGS` optimizer does that). The model is not changed; see `apply_direction`.
 
     Defined in: *Optimisation seen through sampling*, section "MGS: a proposal guided by the MLE gradient"."""
     K = check_positive_int(num_candidates, "num_candidates (K)")
@@ -276,7 +271,14 @@ def mgs_direction(model: nn.Module, task_loss: Callable[[Params], torch.Tensor],
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not (noise > 0 and math.isfinite(noise)):
         raise ValueError(f"noise must be a positive finite number, got {noise}")
     params = trainable_parameters(model)
-    if surrogate_loss is None:
+    if guide is not None:
+        if surrogate_loss is not None:
+            raise ValueError("give either surrogate_loss or guide, not both")
+        if set(guide) != set(params):
+            differ = sorted(set(guide) ^ set(params))[:5]
+            raise ValueError(f"guide must name the trainable parameters; differs in {differ}")
+        guide = {name: u.detach() for name, u in guide.items()}
+    elif surrogate_loss is None:
         if relative_noise:
             raise ValueError("relative_noise needs a surrogate loss (the noise is scaled by its step)")
         guide = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -314,245 +316,52 @@ def apply_direction(model: nn.Module, direction: Mapping[str, torch.Tensor],
         own[name].grad = -d.to(own[name].dtype)
     optimizer.step()
 
-# %% ../../nbs/13_mgs.ipynb #c034
-def load_digits_split(*, test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """scikit-learn's 8x8 digits (1,797 images, 10 classes), pixels scaled to [0, 1], shuffled with `seed` and split:
-    returns `(x_train [N, 64], y_train [N], x_test [M, 64], y_test [M])`.
+# %% ../../nbs/13_mgs.ipynb #c033
+class MGS(torch.optim.Optimizer):
+    """MLE-guided parameter search as a torch optimizer over the trainable parameters of `model`. `step()` uses the
+    parameters' gradients (of the differentiable surrogate, computed and possibly clipped by the training loop) as the
+    guide $u=-\\mathrm{lr}\\,g$ (`guided=False`: $u=0$, random search), scores K = `num_candidates` candidates
+    with `task_loss(params, batch)` on the batch last given to `set_batch`, and adds $\\Delta^*$ to the parameters
+    (see `mgs_direction` for the other arguments). Each step's effective sample size and the candidates' best and mean
+    task loss are appended to `.trace`; `.evaluations` counts the task-loss evaluations.
 
-    Defined in: *Optimisation seen through sampling*, section "Experiment: the 0-1 error of a digit classifier"."""
-    from sklearn.datasets import load_digits
+    Defined in: *Optimisation seen through sampling*, section "MGS as an optimizer"."""
 
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    n_test = int(round(test_fraction * len(y)))
-    test, train = order[:n_test], order[n_test:]
-    return x[train], y[train], x[test], y[test]
+    def __init__(self, model: nn.Module, task_loss: Callable[[Params, object], torch.Tensor], *, lr: float = 1.0,
+                 num_candidates: int = 4, alpha: float = 0.01, noise: float = 0.01, relative_noise: bool = False,
+                 mix: float = 0.5, weighting: str = "tilted", guided: bool = True, vectorize: bool | None = None,
+                 generator: torch.Generator | None = None):
+        if not callable(task_loss):
+            raise TypeError("task_loss must be a callable (params, batch) -> scalar")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"lr (the step size of the guide) must be a positive finite number, got {lr}")
+        self.names = list(trainable_parameters(model))
+        own = dict(model.named_parameters())
+        super().__init__([own[name] for name in self.names], {"lr": float(lr)})
+        self.model, self.task_loss, self.guided, self.generator = model, task_loss, guided, generator
+        self.options = dict(num_candidates=check_positive_int(num_candidates, "num_candidates (K)"),
+                            alpha=_check_alpha(alpha), noise=noise, relative_noise=relative_noise, mix=_check_mix(mix),
+                            weighting=weighting, vectorize=vectorize)
+        self.batch = None
+        self.trace: list[dict] = []
+        self.evaluations = 0
 
+    def set_batch(self, batch) -> None:
+        """The minibatch the next `step()` scores its candidates on."""
+        self.batch = batch
 
-def zero_one_error(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Share of rows whose arg-max class is not the label: the non-differentiable task loss of the classifier
-    experiment (a 0-dim tensor; vmap-friendly).
-
-    Defined in: *Optimisation seen through sampling*, section "Experiment: the 0-1 error of a digit classifier"."""
-    return (logits.argmax(-1) != labels).to(logits.dtype).mean()
-
-# %% ../../nbs/13_mgs.ipynb #c036
-DIGITS_METHODS = ("SGD on cross-entropy", "MGS", "random search", "REINFORCE")
-
-
-def digits_experiment(*, steps: int = 300, batch_size: int = 256, hidden: int = 32, num_candidates: int = 8,
-                      alpha: float = 0.01, noise: float = 0.03, lr: float = 0.5, eval_every: int = 10,
-                      methods: tuple[str, ...] = DIGITS_METHODS, seed: int = 0) -> dict:
-    """Train the same small MLP (64-`hidden`-10, tanh) on the digits with each method of `DIGITS_METHODS`, from the
-    same initialisation and on the same minibatches: SGD on cross-entropy (learning rate `lr`); MGS on the minibatch
-    0-1 error, guided by the cross-entropy step $-\\text{lr}\\,\\nabla$ (half the candidates around it, half around 0);
-    pure random search (MGS without the guide); REINFORCE on the expected 0-1 error of a label sampled from the
-    classifier's softmax (batch-mean baseline, learning rate `lr`).
-
-    Returns `{method: {"step", "evaluations", "train_error", "test_error"}}` (lists, one entry per evaluation point;
-    `evaluations` counts the minibatch forward passes spent so far, a gradient counting as one).
-    Defined in: *Optimisation seen through sampling*, section "Experiment: the 0-1 error of a digit classifier"."""
-    check_positive_int(steps, "steps")
-    check_positive_int(batch_size, "batch_size")
-    check_positive_int(eval_every, "eval_every")
-    unknown = set(methods) - set(DIGITS_METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; choose from {DIGITS_METHODS}")
-    x_train, y_train, x_test, y_test = load_digits_split(seed=seed)
-    torch.manual_seed(seed)
-    init = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-    batches = [torch.randint(len(y_train), (batch_size,), generator=torch.Generator().manual_seed(seed * 7919 + t))
-               for t in range(steps)]
-    results = {}
-    for method in methods:
-        model = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-        model.load_state_dict(init.state_dict())
-        generator = torch.Generator().manual_seed(seed + 1)
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-        curve = {"step": [], "evaluations": [], "train_error": [], "test_error": []}
-        spent = 0
-
-        def record(step):
-            with torch.no_grad():
-                curve["step"].append(step)
-                curve["evaluations"].append(spent)
-                curve["train_error"].append(float(zero_one_error(model(x_train), y_train)))
-                curve["test_error"].append(float(zero_one_error(model(x_test), y_test)))
-
-        record(0)
-        for t, index in enumerate(batches, start=1):
-            xb, yb = x_train[index], y_train[index]
-            if method == "SGD on cross-entropy":
-                optimizer.zero_grad()
-                nn.functional.cross_entropy(model(xb), yb).backward()
-                optimizer.step()
-                spent += 1
-            elif method == "REINFORCE":
-                log_probs = model(xb).log_softmax(-1)
-                sampled = torch.multinomial(log_probs.exp().detach(), 1, generator=generator)[:, 0]
-                cost = (sampled != yb).float()
-                advantage = cost - cost.mean()                              # baseline: the batch's mean cost
-                optimizer.zero_grad()
-                (advantage * log_probs.gather(1, sampled[:, None])[:, 0]).mean().backward()
-                optimizer.step()
-                spent += 1
-            else:
-                def task(params, xb=xb, yb=yb):
-                    return zero_one_error(torch.func.functional_call(model, params, (xb,)), yb)
-
-                def surrogate(params, xb=xb, yb=yb):
-                    return nn.functional.cross_entropy(torch.func.functional_call(model, params, (xb,)), yb)
-
-                step = mgs_direction(model, task, surrogate if method == "MGS" else None,
-                                     num_candidates=num_candidates, alpha=alpha, noise=noise, step_size=lr,
-                                     generator=generator)
-                apply_direction(model, step.direction)
-                spent += step.evaluations + (method == "MGS")
-            if t % eval_every == 0 or t == steps:
-                record(t)
-        results[method] = curve
-    return results
-
-# %% ../../nbs/13_mgs.ipynb #c041
-def greedy_repetition(model: nn.Module, prompts: torch.Tensor, *, max_new_tokens: int, eos_id: int,
-                      pad_id: int = 0) -> dict:
-    """Decode `prompts [B, T]` greedily and measure the continuations: the share of repeated 4-grams
-    (`repetition_stats`, the paper's repeat-4 pooled over the batch) and the non-termination ratio.
-
-    Defined in: *Optimisation seen through sampling*, section "Experiment: fine-tuning a language model against repetition"."""
-    out = greedy(StepDecoder(model), prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-    stats = repetition_stats(out.to_lists(), n=4)
-    return {"repeat_4": stats["repeated_4grams"], "non_termination": non_termination_ratio(out),
-            "mean_length": float(out.lengths.float().mean())}
-
-
-def repetition_experiment(*, pretrain_steps: int = 150, finetune_steps: int = 30, width: int = 48, layers: int = 2,
-                          max_chars: int = 32, vocab: int = 1000, batch_size: int = 32, prompt_chars: int = 4,
-                          cap: int = 40, num_prompts: int = 100, num_candidates: int = 4, alpha: float = 0.01,
-                          noise: float = 0.3, lr: float = 3e-3, step_size: float = 0.3, seed: int = 0,
-                          progress: bool = False) -> dict:
-    """The paper's sequence-level experiment at toy scale. Pretrain a GPT by maximum likelihood on People's Daily
-    paragraphs (`train_language_model`, AdamW at `lr`), then continue from the same weights, on the same minibatches,
-    in two ways for `finetune_steps` steps: MLE only (the MLE-gradient step $u=-\\eta g$, $g$ clipped to norm 1,
-    $\\eta$ = `step_size`), and MGS on the task loss "share of repeated 4-grams in the greedy continuations of the
-    minibatch's prompts" (K = `num_candidates`, half around $u$, half around 0, noise `noise` relative to $u$,
-    temperature `alpha`, the step $\\Delta^*$ applied as it is). Report, on `num_prompts` held-out prompts decoded
-    greedily up to `cap` tokens, the repetition, non-termination and mean length, and the held-out perplexity.
-
-    Returns `{"pretrained" | "MLE" | "MGS": {metric: value}, "mgs_trace": [...], "tokenizer", "models"}`.
-    Defined in: *Optimisation seen through sampling*, section "Experiment: fine-tuning a language model against repetition"."""
-    from tqdm import tqdm
-
-    from simbook.models.transformer import TransformerConfig
-
-    for name, value in [("pretrain_steps", pretrain_steps), ("finetune_steps", finetune_steps),
-                        ("num_prompts", num_prompts), ("cap", cap), ("num_candidates (K)", num_candidates)]:
-        check_positive_int(value, name)
-    _check_alpha(alpha)                                 # refuse bad settings before minutes of pretraining
-    for name, value in [("noise", noise), ("step_size", step_size)]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"{name} must be a positive finite number, got {value}")
-    corpus = paragraph_corpus(prompt_chars=prompt_chars, max_chars=max_chars, vocab=vocab, min_test=num_prompts)
-    tokenizer, train_text, test_text, to_prompts = corpus.tokenizer, corpus.train, corpus.test, corpus.prompts
-    test_prompts = to_prompts(test_text[:num_prompts])
-    eos, pad = tokenizer.sep_id, tokenizer.pad_id
-
-    torch.manual_seed(seed)
-    config = TransformerConfig(vocab_size=tokenizer.vocab_size, hidden_size=width, num_layers=layers, num_heads=4,
-                               intermediate_size=4 * width, max_position=max(64, prompt_chars + cap + 8),
-                               dropout=0.0, pre_norm=True, activation="gelu_tanh")
-    pretrained = GPT(config)
-    train_language_model(pretrained, tokenizer, train_text, steps=pretrain_steps, batch_size=batch_size, lr=lr,
-                         max_chars=max_chars, seed=seed, progress=progress)
-
-    def measure(model):
-        return {**greedy_repetition(model.eval(), test_prompts, max_new_tokens=cap, eos_id=eos, pad_id=pad),
-                "perplexity": perplexity(model, tokenizer, test_text, max_chars=max_chars)}
-
-    results = {"pretrained": measure(pretrained), "tokenizer": tokenizer, "models": {"pretrained": pretrained}}
-
-    trace = []
-    for method in ("MLE", "MGS"):
-        model = GPT(config)
-        model.load_state_dict(pretrained.state_dict())
-        model.eval()                                   # no dropout anyway; eval lets the decoder take its fast path
-        batches = torch.Generator().manual_seed(seed + 1)                # the same minibatches for both
-        generator = torch.Generator().manual_seed(seed + 2)
-        for _ in tqdm(range(finetune_steps), desc=method, disable=not progress):
-            index = torch.randint(len(train_text), (batch_size,), generator=batches).tolist()
-            texts = [train_text[i] for i in index]
-            batch = tokenizer.batch_encode(texts, max_length=max_chars + 2)     # [CLS] text [SEP], as in pretraining
-            ids, valid, prompts = batch["input_ids"], batch["valid"], to_prompts(texts)
-
-            def surrogate(params, ids=ids, valid=valid):
-                logits = torch.func.functional_call(model, params, (ids,), {"mask": causal_mask(valid)})
-                return language_model_loss(logits, ids, valid)
-
-            def task(params, prompts=prompts, model=model):
-                with loaded_parameters(model, params):
-                    return greedy_repetition(model, prompts, max_new_tokens=cap, eos_id=eos, pad_id=pad)["repeat_4"]
-
-            if method == "MLE":                        # the guide alone: a clipped gradient step
-                apply_direction(model, surrogate_step(surrogate, trainable_parameters(model), step_size=step_size,
-                                                      max_grad_norm=1.0))
-                continue
-            step = mgs_direction(model, task, surrogate, num_candidates=num_candidates, alpha=alpha, noise=noise,
-                                 relative_noise=True, step_size=step_size, max_grad_norm=1.0, vectorize=False,
-                                 generator=generator)
-            apply_direction(model, step.direction)
-            trace.append({"best": float(step.task_losses.min()), "mean": float(step.task_losses.mean()),
-                          "ess": step.effective_sample_size})
-        results[method], results["models"][method] = measure(model), model
-    results["mgs_trace"] = trace
-    return results
-
-
-def format_repetition_table(results: dict) -> str:
-    """The sequence-level experiment's table as text. Defined in: *Optimisation seen through sampling*, section
-    "Experiment: fine-tuning a language model against repetition"."""
-    lines = [f"{'model':>11} {'repeat-4':>9} {'non-term':>9} {'length':>7} {'perplexity':>11}"]
-    for name in ("pretrained", "MLE", "MGS"):
-        r = results[name]
-        lines.append(f"{name:>11} {r['repeat_4']:>9.3f} {r['non_termination']:>9.2f} {r['mean_length']:>7.1f} "
-                     f"{r['perplexity']:>11.1f}")
-    return "\n".join(lines)
-
-
-def _run_cli(args) -> int:
-    results = repetition_experiment(pretrain_steps=args.pretrain_steps, finetune_steps=args.steps, width=args.width,
-                                    layers=args.layers, max_chars=args.max_chars, cap=args.cap,
-                                    num_prompts=args.prompts, num_candidates=args.candidates, alpha=args.alpha,
-                                    noise=args.noise, step_size=args.step_size, seed=args.seed,
-                                    progress=not args.no_progress)
-    print(f"greedy continuations of {args.prompts} held-out prompts (cap {args.cap} tokens), held-out perplexity")
-    print(format_repetition_table(results))
-    trace = results["mgs_trace"]
-    print(f"MGS: mean effective sample size {sum(t['ess'] for t in trace) / len(trace):.2f} of {args.candidates}")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add `simbook mgs`. Defined in: *Optimisation seen through sampling*, section "Experiment: fine-tuning a
-    language model against repetition"."""
-    p = subparsers.add_parser("mgs", help="fine-tune a small GPT with MGS against repetition, compare with MLE",
-                              description="Pretrain a GPT on People's Daily paragraphs, then fine-tune it by MLE "
-                                          "alone and by MLE-guided parameter search (MGS) on the repetition of its "
-                                          "greedy continuations; report repetition, termination and perplexity.")
-    p.add_argument("--pretrain-steps", type=int, default=150, help="MLE pretraining steps (default: 150)")
-    p.add_argument("--steps", type=int, default=30, help="fine-tuning steps per method (default: 30)")
-    p.add_argument("--width", type=int, default=48, help="model width (default: 48)")
-    p.add_argument("--layers", type=int, default=2, help="Transformer layers (default: 2)")
-    p.add_argument("--max-chars", type=int, default=32, help="longest training paragraph (default: 32)")
-    p.add_argument("--cap", type=int, default=40, help="length cap of the greedy continuations (default: 40)")
-    p.add_argument("--prompts", type=int, default=100, help="held-out prompts (default: 100)")
-    p.add_argument("--candidates", type=int, default=4, help="MGS candidates K (default: 4)")
-    p.add_argument("--alpha", type=float, default=0.01, help="MGS temperature (default: 0.01)")
-    p.add_argument("--noise", type=float, default=0.3, help="noise relative to the MLE step (default: 0.3)")
-    p.add_argument("--step-size", type=float, default=0.3, help="length of the clipped MLE step (default: 0.3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
-    p.set_defaults(run=_run_cli)
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.batch is None:
+            raise RuntimeError("MGS.step() needs the minibatch: call set_batch(batch) first (e.g. in before_update)")
+        params, lr = self.param_groups[0]["params"], self.param_groups[0]["lr"]
+        guide = {name: (torch.zeros_like(p) if p.grad is None or not self.guided else -lr * p.grad.detach())
+                 for name, p in zip(self.names, params)}
+        batch = self.batch
+        result = mgs_direction(self.model, lambda candidate: self.task_loss(candidate, batch), guide=guide,
+                               generator=self.generator, **self.options)
+        apply_direction(self.model, result.direction)
+        self.evaluations += result.evaluations
+        self.trace.append({"best": float(result.task_losses.min()), "mean": float(result.task_losses.mean()),
+                           "ess": result.effective_sample_size})
+        return None
