@@ -33,7 +33,7 @@ export TRITON_INTERPRET ?= 1
 .PHONY: help venv nbdev-export sync pytest nbval book site book-exec notebooks test kernels clean distclean
 
 help:
-	@echo "make venv       create .venv (pip install -e '.[dev]') and Debian chromium"
+	@echo "make venv       create .venv (pip install -e '.[dev]'), Debian chromium and a CJK font"
 	@echo "make book       build the website from stored outputs -> $(SITE)"
 	@echo "make book-exec  build the website re-executing the notebooks (jupyter-cache)"
 	@echo "make test       venv, sync, pytest tests, nbval nbs, book build (with timings)"
@@ -49,10 +49,10 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(BIN)/pip install -e ".[dev]"
-	@if [ ! -x /usr/bin/chromium ]; then \
+	@if [ ! -x /usr/bin/chromium ] || [ ! -f /usr/share/fonts/truetype/wqy/wqy-zenhei.ttc ]; then \
 	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  echo "installing Debian chromium (browser test)"; \
-	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium; \
+	  echo "installing Debian chromium and a CJK font (browser test of the site)"; \
+	  $$SUDO apt-get update && $$SUDO apt-get install -y chromium fonts-wqy-zenhei; \
 	fi
 	touch $@
 

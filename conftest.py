@@ -19,3 +19,7 @@ if os.environ.pop("MPLBACKEND", None):
     import matplotlib
 
     matplotlib.use("Agg")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped elsewhere (benchmarks/gpu.sh runs them)")

@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 from collections.abc import Sequence
 
-CLI_MODULES = ["simbook.seq2seq", "simbook.decoding", "simbook.dialogue", "simbook.optim.clipping", "simbook.optim.mgs", "simbook.models.vae", "simbook.simbert"]
+
+def experiment_modules() -> list[str]:
+    """The modules of `simbook.experiments`, in name order: each defines `register_cli(subparsers)`.
+
+    Defined in: *The `simbook` command*."""
+    import simbook.experiments
+
+    return [f"simbook.experiments.{m.name}" for m in sorted(pkgutil.iter_modules(simbook.experiments.__path__),
+                                                            key=lambda m: m.name)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="simbook",
                                      description="The runnable companion to nine 2020 posts of Scientific Spaces.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in CLI_MODULES:
+    for name in experiment_modules():
         importlib.import_module(name).register_cli(subparsers)
     return parser
 
@@ -36,5 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, FloatingPointError) as e:
         parser.exit(2, f"simbook {args.command}: error: {e}\n")
 
+
+if __name__ == "__main__":          # `python -m simbook.cli ...`, and `torchrun -m simbook.cli ...`
+    raise SystemExit(main())
+
 # %% auto #0
-__all__ = ['CLI_MODULES', 'build_parser', 'main']
+__all__ = ['experiment_modules', 'build_parser', 'main']

@@ -3,10 +3,12 @@
 # %% ../nbs/00_conventions.ipynb #c002
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import random
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import torch
 
 # %% auto #0
 __all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'seed_everything', 'check_positive_int', 'check_tensor', 'check_text', 'optimizer_step',
-           'read_state_dict', 'save_checkpoint', 'load_checkpoint', 'load_state_dict_strict', 'use_cjk_font']
+           'read_state_dict', 'atomic_write', 'write_json', 'save_tensors', 'save_checkpoint', 'load_checkpoint',
+           'load_state_dict_strict', 'Pretrained', 'use_cjk_font']
 
 # %% ../nbs/00_conventions.ipynb #c004
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
@@ -94,18 +97,18 @@ def check_text(text, name: str = "text") -> str:
 
 # %% ../nbs/00_conventions.ipynb #c010
 def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, step: int, *,
-                   clip: float | Callable | None = None) -> float:
+                   clip: Callable | None = None) -> float:
     """Backpropagate `loss` and update with `optimizer`; a NaN or inf loss raises FloatingPointError naming `step`.
     Returns the loss as a float.
 
-    `clip`: None (no clipping), a number γ > 0 (clip the global gradient norm at γ; a NaN/inf norm raises
-    FloatingPointError naming `step`), or a callable `clip(parameters)` run between backward and update, e.g.
-    `simbook.optim.clipping.GradientClipper`; if it returns a non-finite norm (its "skip" policy) the update is skipped.
+    `clip`: None (no clipping) or a callable `clip(parameters)` run between backward and update, e.g.
+    `simbook.optim.clipping.GradientClipper(max_norm)`; if it returns a non-finite norm (its "skip" policy) the update
+    is skipped.
 
     Defined in: *Conventions*, section "One training step"."""
     if clip is not None and not callable(clip):
-        from simbook.optim.clipping import GradientClipper    # imported here: simbook.optim imports this module
-        clip = GradientClipper(clip)
+        raise TypeError(f"clip must be None or a callable such as simbook.optim.clipping.GradientClipper(max_norm), "
+                        f"got {type(clip).__name__}")
     value = loss.item()
     if not math.isfinite(value):
         raise FloatingPointError(f"the loss became {value} at step {step}")
@@ -171,21 +174,53 @@ def read_state_dict(path: str | os.PathLike, *, allow_torch_weights_only: bool =
         raise ValueError(f"{path} is not a valid safetensors file: {e}") from e
 
 
-def save_checkpoint(directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping) -> Path:
-    """Write `model.safetensors` and `config.json` into `directory` (created if missing). Returns the folder.
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call `write(temporary_path)` on a temporary file beside `path`, then rename it to `path`: a crash or an error
+    midway leaves the old file intact, never half a file. Returns `path`.
 
     Defined in: *Conventions*, section "Checkpoints without pickle"."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_json(path: str | os.PathLike, data) -> Path:
+    """Write `data` as indented, key-sorted UTF-8 JSON, atomically. Defined in: *Conventions*, section "Checkpoints
+    without pickle"."""
+    text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n", encoding="utf-8"))
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Write `tensors` to a safetensors file, atomically (contiguous CPU copies; tensors that share memory, such as
+    tied weights, are written once each). Defined in: *Conventions*, section "Checkpoints without pickle"."""
     from safetensors.torch import save_file
 
+    flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(flat, tmp))
+
+
+def save_checkpoint(directory: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping) -> Path:
+    """Write `model.safetensors` and `config.json` into `directory` (created if missing), each atomically (a temporary
+    file renamed into place). Returns the folder.
+
+    Defined in: *Conventions*, section "Checkpoints without pickle"."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME))
-    (directory / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True), encoding="utf-8")
+    save_tensors(directory / WEIGHTS_NAME, state_dict)
+    write_json(directory / CONFIG_NAME, dict(config))
     return directory
 
 
-def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(directory: str | os.PathLike, *,
+                    allow_torch_weights_only: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """Read a folder written by `save_checkpoint`: returns `(state_dict, config)`.
 
     Defined in: *Conventions*, section "Checkpoints without pickle"."""
@@ -194,7 +229,7 @@ def load_checkpoint(directory: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     if not config_path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    return read_state_dict(directory), config
+    return read_state_dict(directory, allow_torch_weights_only=allow_torch_weights_only), config
 
 
 def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -212,6 +247,47 @@ def load_state_dict_strict(module: torch.nn.Module, state_dict: Mapping[str, tor
                  [("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)] if keys]
         raise ValueError("checkpoint does not fit the model; " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
+
+# %% ../nbs/00_conventions.ipynb #c020
+class Pretrained:
+    """Mixin for an `nn.Module` whose constructor takes one configuration dataclass (`config_class`, kept as
+    `self.config`): `save_pretrained(directory)` / `from_pretrained(directory)` in the book's checkpoint layout.
+
+    Subclasses with extra files override `_save_extra(directory)` and the classmethod `_from_config(config, directory)`.
+    Defined in: *Conventions*, section "One way to save a model"."""
+    config_class: type = None
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        config = {"model_type": type(self).__name__, **dataclasses.asdict(self.config)}
+        directory = save_checkpoint(directory, self.state_dict(), config)
+        self._save_extra(directory)
+        return directory
+
+    def _save_extra(self, directory: Path) -> None:
+        pass
+
+    @classmethod
+    def _from_config(cls, config: dict, directory: Path):
+        return cls(cls.config_class(**config))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, allow_torch_weights_only: bool = False):
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"no model folder at {directory}")
+        state, config = load_checkpoint(directory, allow_torch_weights_only=allow_torch_weights_only)
+        model_type = config.pop("model_type", None)
+        if model_type != cls.__name__:
+            raise ValueError(f"{directory} holds a {model_type or 'model of unknown type'} checkpoint, "
+                             f"not a {cls.__name__}")
+        known = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ValueError(f"{directory / CONFIG_NAME} has fields {cls.config_class.__name__} does not know: "
+                             f"{', '.join(unknown)}")
+        model = cls._from_config(config, directory)
+        load_state_dict_strict(model, state)
+        return model
 
 # %% ../nbs/00_conventions.ipynb #c017
 def use_cjk_font() -> str:

@@ -165,6 +165,27 @@ _PROSE_JS = """() => {
 }"""
 
 
+# (longest line in characters, scrollWidth, clientWidth) of every code cell's source block
+_CODE_WIDTH_JS = """() => [...document.querySelectorAll('article div.cell_input pre')].map(p => [
+  Math.max(...p.innerText.split('\\n').map(line => line.length)), p.scrollWidth, p.clientWidth])"""
+
+# Draw two different CJK characters of the page's text in the font its paragraph uses: a missing font gives the
+# same empty box ("tofu") for both, real glyphs differ. Returns [font, characters, differ, not blank] or null.
+_CJK_GLYPHS_JS = """() => {
+  const el = [...document.querySelectorAll('article p, article td, article li')]
+      .find(e => (e.innerText.match(/[\\u4e00-\\u9fff]/g) || []).length >= 2);
+  if (!el) return null;
+  const chars = [...new Set(el.innerText.match(/[\\u4e00-\\u9fff]/g))].slice(0, 2);
+  const font = getComputedStyle(el).fontFamily;
+  const canvas = document.createElement('canvas');
+  canvas.width = canvas.height = 64;
+  const ctx = canvas.getContext('2d');
+  const draw = ch => { ctx.clearRect(0, 0, 64, 64); ctx.font = '40px ' + font; ctx.fillText(ch, 8, 48);
+                       return Array.from(ctx.getImageData(0, 0, 64, 64).data); };
+  const a = draw(chars[0]), b = draw(chars[1]);
+  return [font, chars.join(''), a.join() !== b.join(), a.some(v => v !== 0)];
+}"""
+
 PAGES = [ROOT_PAGE, *CHAPTERS]
 
 
@@ -205,6 +226,11 @@ def test_page(docname, browser, server, shots):
             if _n_figures(docname):
                 assert widths, f"{docname}.ipynb has {_n_figures(docname)} figure(s), the page none"
             assert page.locator("article .nbdev-exports").count() == 1, "no 'This chapter exports' note"
+            # the content column fits the book's code width: a line of <= 110 characters does not scroll sideways
+            for longest, scroll, client in page.evaluate(_CODE_WIDTH_JS):
+                if longest <= 110:
+                    assert scroll <= client + 2, f"a code cell with lines of {longest} characters scrolls " \
+                                                 f"({scroll} px of content in {client} px)"
             assert re.search(r"^\d+\.\s", page.locator("article h1").first.inner_text()), \
                 "chapter title is not numbered"
     finally:
@@ -230,5 +256,21 @@ def test_search(browser, server, shots):
             "#search-results ul.search li a", "as => as.map(a => a.getAttribute('href'))")
         assert any(chapter.split("/")[-1] in (h or "") for h in hrefs), (word, hrefs)
         assert not problems, "\n".join(problems)
+    finally:
+        page.close()
+
+
+def test_chinese_text_renders_with_glyphs(browser, server, shots):
+    """Chinese in the prose (the SimBERT chapter's examples) is drawn with real glyphs, not empty boxes: the site
+    test's browser has a CJK font (`make venv` installs Debian's fonts-wqy-zenhei beside chromium)."""
+    chapter = next((c for c in CHAPTERS if "simbert" in c and c not in MISSING), None)
+    if chapter is None:
+        pytest.skip("no SimBERT chapter")
+    page, problems = _open(browser, f"{server}/{chapter}.html")
+    try:
+        result = page.evaluate(_CJK_GLYPHS_JS)
+        assert result is not None, f"no Chinese text found in the prose of {chapter}"
+        font, chars, differ, drawn = result
+        assert drawn and differ, f"{chars!r} in font {font} render as identical boxes: no CJK font for chromium"
     finally:
         page.close()

@@ -29,11 +29,16 @@ def save(nb: dict, path) -> None:
     Path(path).write_text(nb_to_str(nb), encoding="utf-8")
 
 
+_issued: set[str] = set()
+
+
 def _new_id(nb: dict | None) -> str:
-    used = {c.get("id") for c in nb["cells"]} if nb else set()
-    n = len(used) + 1
+    # unique within `nb` and among the ids this process has handed out (cells made before they are inserted)
+    used = ({c.get("id") for c in nb["cells"]} if nb else set()) | _issued
+    n = 1
     while f"c{n:03d}" in used:
         n += 1
+    _issued.add(f"c{n:03d}")
     return f"c{n:03d}"
 
 
