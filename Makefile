@@ -30,7 +30,7 @@ export MPLBACKEND := Agg
 # kernels, and book-exec runs jupyter-book without it.
 export TRITON_INTERPRET ?= 1
 
-.PHONY: help venv nbdev-export sync pytest nbval book site book-exec notebooks test clean distclean
+.PHONY: help venv nbdev-export sync pytest nbval book site book-exec notebooks test kernels clean distclean
 
 help:
 	@echo "make venv       create .venv (pip install -e '.[dev]'), Debian chromium and a CJK font"
@@ -41,6 +41,7 @@ help:
 	@echo "make nbdev-export  write simbook/ from the notebooks (nbdev_export)"
 	@echo "make sync       export, then check that simbook/ has no uncommitted change"
 	@echo "make pytest     unit tests (tests/)    make nbval   notebook outputs (nbs/)"
+	@echo "make kernels    compile every Triton kernel config for sm_80/sm_90 on the CPU (no GPU), check spills/smem"
 	@echo "make clean      remove build outputs   make distclean   also remove .venv"
 
 venv: $(VENV)/.installed
@@ -106,6 +107,11 @@ test:
 	done; \
 	printf "\nmake test stage times:\n$$times"; \
 	exit $$status
+
+# the full compile sweep (make test runs only the largest config of each dtype); table -> benchmarks/results/
+# (the same sweep as pytest -m kernels_full; exits 1 if any config spills or overflows shared memory)
+kernels: venv
+	$(PY) tests/test_kernels_compile.py --full --out benchmarks/results/kernels_after.txt
 
 clean:
 	rm -rf book/_build _build .jupyter_cache _nbdev_docs .pytest_cache .hypothesis

@@ -3,6 +3,7 @@ importable, flash-linear-attention (fla); plus the per-token cost of decoding wi
 
 Run:  python benchmarks/linear_attention.py [--device cpu|cuda] [--lengths 512 1024 ...] [--batch B] [--heads H]
                                            [--dim D] [--dtype float32|bfloat16|float16] [--repeats 5] [--threads N]
+                                           [--jsonl FILE]
 
 Inputs are prepared outside the timed region: q and k are already non-negative features (elu+1), shapes
 [B, H, T, D]. Columns (each a median over interleaved repeats; CUDA uses triton.testing.do_bench when available):
@@ -12,14 +13,17 @@ Inputs are prepared outside the timed region: q and k are already non-negative f
 - quadratic    `causal_linear_attention_quadratic`, the n x n reference (skipped where it would need > --max-quadratic-gib)
 - SDPA         `F.scaled_dot_product_attention(is_causal=True)`, softmax attention (flash on the GPU)
 - fla          `fla.ops.linear_attn.fused_chunk_linear_attn(normalize=True, scale=1.0)`, layout [B, T, H, D], if importable
+- fla chunk    `fla.ops.linear_attn.chunk_linear_attn(normalize=True, scale=1.0)`, the same, if importable
 
 Forward and forward+backward are timed; outputs of every implementation are cross-checked against simbook's. Ratios
 are "other / simbook" (> 1: simbook faster). On CUDA the HBM floor of the forward pass (reading q, k, v and writing
 the output once: 4·B·H·T·D·bytes / measured copy bandwidth) is printed beside it. Decoding: the time of one
-token's attention for one layer with the recurrent state (`linear_attention_step`) vs SDPA over a KV cache holding
+token's attention for one layer with the recurrent state (one position of `causal_linear_attention`: the fused
+step kernel on CUDA, `linear_attention_step`'s arithmetic on the CPU) vs SDPA over a KV cache holding
 the context.
 """
 import argparse
+import json
 import statistics
 import time
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from simbook.attention.linear import (HAS_TRITON, causal_linear_attention, causal_linear_attention_quadratic,
-                                      elu_feature_map, linear_attention_step, LinearAttentionState)
+                                      elu_feature_map, LinearAttentionState)
 
 try:
     from fla.ops.linear_attn import fused_chunk_linear_attn
@@ -35,6 +39,10 @@ except Exception as error:                   # not installed, or installed witho
     fused_chunk_linear_attn, FLA_ERROR = None, f"{type(error).__name__}: {error}"
 else:
     FLA_ERROR = None
+try:
+    from fla.ops.linear_attn import chunk_linear_attn
+except Exception:
+    chunk_linear_attn = None
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,6 +91,13 @@ def implementations(device, T, B, H, D, max_quadratic_gib):
             out = out[0] if isinstance(out, tuple) else out
             return out.transpose(1, 2)
         impls["fla"] = fla
+    if chunk_linear_attn is not None and device.type == "cuda":
+        def fla_chunk(q, k, v):
+            out = chunk_linear_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1.0,
+                                    normalize=True)
+            out = out[0] if isinstance(out, tuple) else out
+            return out.transpose(1, 2)
+        impls["fla chunk"] = fla_chunk
     return impls
 
 
@@ -139,11 +154,16 @@ def run_sweep(args, device, dtype):
                 print(f"  {'T':>7s} " + " ".join(f"{n:>13s}" for n in names) + "   ratios (other / simbook)")
             row = f"  {T:7d} " + " ".join(f"{1e3 * seconds[n]:13.3f}" for n in names)
             ratios = ", ".join(f"{n} {seconds[n] / seconds['simbook']:.2f}x" for n in names if n != "simbook")
-            floor = ""
+            floor, floor_s = "", None
             if bandwidth and mode == "forward":
                 floor_s = 4 * args.batch * args.heads * T * args.dim * q.element_size() / bandwidth
                 floor = f", HBM floor {1e3 * floor_s:.3f} ms (simbook at {seconds['simbook'] / floor_s:.1f}x)"
             print(row + "   " + ratios + floor)
+            record(args, dict(benchmark="linear_attention", mode=mode, device=str(device),
+                              dtype=str(dtype).replace("torch.", ""), B=args.batch, H=args.heads, T=T, D=args.dim,
+                              ms={n: 1e3 * seconds[n] for n in names},
+                              ratio_vs_simbook={n: seconds[n] / seconds["simbook"] for n in names if n != "simbook"},
+                              hbm_floor_ms=1e3 * floor_s if floor else None))
 
 
 def run_decode(args, device, dtype):
@@ -157,12 +177,25 @@ def run_decode(args, device, dtype):
     for context in args.decode_lengths:
         keys = torch.randn(1, H, context, D, generator=g).to(device=device, dtype=dtype)
         values = torch.randn(1, H, context, D, generator=g).to(device=device, dtype=dtype)
-        fns = {"recurrent": lambda: linear_attention_step(q1, k1, v1, state),
+        # on CUDA one position without gradients goes to the fused step kernel (one launch); on the CPU PyTorch
+        fns = {"recurrent": lambda: causal_linear_attention(q1[:, :, None], k1[:, :, None], v1[:, :, None],
+                                                            initial_state=state, return_state=True,
+                                                            check_finite=False),
                "kv": lambda: F.scaled_dot_product_attention(q1[:, :, None], keys, values)}
         with torch.no_grad():
             seconds = measure(fns, device, args.repeats * 4)
         print(f"  {context:8d} {1e3 * seconds['recurrent']:10.4f} {1e3 * seconds['kv']:10.4f}   "
               f"{seconds['kv'] / seconds['recurrent']:.2f}x")
+        record(args, dict(benchmark="linear_attention_decode", device=str(device), dtype=str(dtype).replace("torch.", ""),
+                          H=H, D=D, context=context, recurrent_ms=1e3 * seconds["recurrent"],
+                          kv_sdpa_ms=1e3 * seconds["kv"]))
+
+
+def record(args, row: dict) -> None:
+    """Append one JSON line to --jsonl (if given)."""
+    if args.jsonl:
+        with open(args.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main():
@@ -177,6 +210,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--max-quadratic-gib", type=float, default=4.0)
+    parser.add_argument("--jsonl", help="append one JSON line per measured row to this file")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -1,10 +1,12 @@
 """Tests of simbook.attention.linear: every variant against the quadratic formula it equals (float64), the causal op's
 four evaluations, prefill -> decode, the Triton kernel in the interpreter (values and gradients against float64),
-dispatch, bad input, and linear attention inside the model core (recurrent decoding == parallel form)."""
+dispatch, bad input, linear attention inside the model core (recurrent decoding == parallel form), and the
+kernels on a CUDA GPU (marked `cuda`, skipped without one)."""
 import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -359,13 +361,78 @@ def test_triton_kernel_equals_torch_path_in_float32():
 @pytest.mark.parametrize("kwargs, dtype, D, match", [
     ({}, torch.float64, 4, "float32, float16 or bfloat16"),
     ({}, torch.float32, 130, "head sizes up to 128"),
-    ({"chunk_size": 24}, torch.float32, 4, "power of 2"),
-    ({"chunk_size": 8}, torch.float32, 4, "power of 2 and >= 16"),
+    ({"chunk_size": 24}, torch.float32, 4, r"chunk_size in \(16, 32, 64\)"),
+    ({"chunk_size": 8}, torch.float32, 4, "a power of 2 >= 16"),
+    ({"chunk_size": 128}, torch.bfloat16, 4, "chunk_size in"),
+    ({"feature_map": "relu"}, torch.float32, 4, "feature_map must be one of"),
 ])
 def test_triton_backend_refuses_what_it_cannot_run(kwargs, dtype, D, match):
     q = torch.rand(1, 1, 3, D, dtype=dtype)
     with pytest.raises(ValueError, match=match):
         causal_linear_attention(q, q, q, backend="triton", **kwargs)
+
+
+def _fused_case(T, Dk, Dv, chunk, dtype, normalize=True, seed=0):
+    """Raw projections through the fused elu+1 kernels vs float64 features: output, state, 5 gradients."""
+    g = torch.Generator().manual_seed(seed)
+    raw = [torch.randn(2, 1, T, Dk, generator=g), torch.randn(2, 1, T, Dk, generator=g),
+           torch.randn(2, 1, T, Dv, generator=g), torch.rand(2, 1, Dk, Dv, generator=g), torch.rand(2, 1, Dk, generator=g)]
+    weights = [torch.randn(2, 1, T, Dv, generator=g), torch.randn(2, 1, Dk, Dv, generator=g),
+               torch.randn(2, 1, Dk, generator=g)]
+    results = {}
+    for name in ("triton", "reference"):
+        x = [r.detach().to(dtype if name == "triton" else torch.float64).clone().requires_grad_() for r in raw]
+        state0 = LinearAttentionState(x[3].float() if name == "triton" else x[3], x[4].float() if name == "triton" else x[4])
+        if name == "triton":
+            out, st = causal_linear_attention(x[0], x[1], x[2], normalize=normalize, initial_state=state0,
+                                              return_state=True, chunk_size=chunk, backend="triton", feature_map="elu")
+            S, z = st.S, st.z
+        else:
+            fq, fk = elu_feature_map(x[0]), elu_feature_map(x[1])
+            out = causal_linear_attention_quadratic(fq, fk, x[2], normalize=normalize, initial_state=state0)
+            S, z = x[3] + fk.transpose(-1, -2) @ x[2], x[4] + fk.sum(-2)
+        loss = sum((a.double() * w.double()).sum() for a, w in zip((out, S, z), weights))
+        loss.backward()
+        results[name] = [out.detach(), S.detach(), z.detach()] + [y.grad for y in x]
+    return _relative_errors(results)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("T,Dk,Dv,chunk,dtype,normalize,tol", [
+    (50, 40, 72, 16, torch.float32, True, 1e-5),     # head sizes over two blocks of the kernels' loops, ragged
+    (33, 72, 40, 32, torch.float32, False, 1e-5),
+    (70, 16, 24, 32, torch.bfloat16, True, 3e-2),    # odd length, bfloat16
+    (21, 24, 16, 16, torch.float16, True, 3e-2),
+    (65, 8, 8, 64, torch.float32, True, 1e-5),       # one position past the default chunk
+])
+def test_fused_feature_map_kernels_match_float64(T, Dk, Dv, chunk, dtype, normalize, tol):
+    errors = _fused_case(T, Dk, Dv, chunk, dtype, normalize)
+    assert max(errors) < tol, errors
+
+
+@needs_interpreter
+def test_fused_feature_map_equals_the_torch_path():
+    q, k, v = qkv(T=23, dtype=torch.float32)
+    a, sa = causal_linear_attention(q, k, v, return_state=True, backend="triton", feature_map="elu")
+    b, sb = causal_linear_attention(q, k, v, return_state=True, backend="torch", feature_map="elu")
+    c = causal_linear_attention(elu_feature_map(q), elu_feature_map(k), v, backend="torch")
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(b, c) and torch.allclose(sa.S, sb.S, atol=1e-4)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("normalize", [True, False])
+def test_step_kernel_is_one_position_of_the_op(normalize):
+    q, k, v = qkv(T=6, dtype=torch.float32)
+    fq, fk = elu_feature_map(q), elu_feature_map(k)
+    _, state = causal_linear_attention(fq[:, :, :5], fk[:, :, :5], v[:, :, :5], return_state=True, backend="torch")
+    with torch.no_grad():                                     # T = 1 without gradients: the fused step kernel
+        out, new = causal_linear_attention(q[:, :, 5:], k[:, :, 5:], v[:, :, 5:], initial_state=state,
+                                           return_state=True, backend="triton", feature_map="elu",
+                                           normalize=normalize)
+    ref, ref_state = linear_attention_step(fq[:, :, 5], fk[:, :, 5], v[:, :, 5], state, normalize=normalize)
+    assert out.shape == (2, 3, 1, 5)
+    assert torch.allclose(out[:, :, 0], ref, atol=1e-5)
+    assert torch.allclose(new.S, ref_state.S, atol=1e-5) and torch.allclose(new.z, ref_state.z, atol=1e-5)
 
 
 def test_cpu_auto_backend_is_torch_and_triton_without_interpreter_is_refused(monkeypatch):
@@ -492,3 +559,50 @@ def test_linear_gpt_trains():
         opt.zero_grad(), loss.backward(), opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# ------------------------------------------------------------------------------------------ on a CUDA GPU
+# Run by benchmarks/gpu.sh (pytest -m cuda); skipped where CUDA is absent.
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or not L.HAS_TRITON, reason="needs CUDA and triton")
+
+
+def _cuda_inputs(B, H, T, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, T, D, generator=g).to("cuda", dtype) for _ in range(3)]
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-2), (torch.bfloat16, 5e-2), (torch.float16, 3e-2)])
+@pytest.mark.parametrize("T,D", [(1000, 64), (257, 128), (77, 40)])
+def test_cuda_kernels_match_torch_and_float64_forward_and_backward(T, D, dtype, tol):
+    q, k, v = _cuda_inputs(2, 4, T, D, dtype)
+    grads = {}
+    for name in ("triton", "torch", "float64"):
+        x = [t.double() if name == "float64" else t.clone() for t in (q, k, v)]
+        x = [t.requires_grad_() for t in x]
+        backend = "torch" if name != "triton" else "triton"
+        out, st = causal_linear_attention(*x, feature_map="elu", backend=backend, return_state=True)
+        loss = out.double().square().sum() + st.S.double().sum()
+        loss.backward()
+        grads[name] = [out.detach().double(), st.S.double()] + [t.grad.double() for t in x]
+    for a, b in zip(grads["triton"], grads["float64"]):
+        assert ((a - b).abs().max() / b.abs().max()).item() < tol
+    for a, b in zip(grads["torch"], grads["float64"]):
+        assert ((a - b).abs().max() / b.abs().max()).item() < tol
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_auto_backend_uses_the_kernels_and_decodes_with_the_step_kernel():
+    q, k, v = _cuda_inputs(1, 2, 33, 64, torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                        # no fallback warning on CUDA
+        out, state = causal_linear_attention(q[:, :, :32], k[:, :, :32], v[:, :, :32], feature_map="elu",
+                                             return_state=True)
+        with torch.no_grad():
+            step, _ = causal_linear_attention(q[:, :, 32:], k[:, :, 32:], v[:, :, 32:], feature_map="elu",
+                                              initial_state=state, return_state=True)
+    full = causal_linear_attention(q, k, v, feature_map="elu", backend="torch")
+    assert ((step[:, :, 0].float() - full[:, :, 32].float()).abs().max() / full.float().abs().max()).item() < 3e-2

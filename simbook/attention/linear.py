@@ -23,12 +23,15 @@ except ImportError:                    # pragma: no cover - exercised where trit
     triton = tl = None
     HAS_TRITON = False
 
+from . import kernels as _kernels
+
 # %% auto #0
-__all__ = ['FEATURE_MAPS', 'BACKENDS', 'exp_similarity', 'similarity_attention', 'LinearAttentionState', 'linear_attention',
-           'elu_feature_map', 'softmax_feature_map', 'cos_feature_map', 'cos_similarity', 'efficient_attention',
-           'efficient_attention_weights', 'LinformerAttention', 'sparse_mask', 'sparse_attention', 'SparseAttention',
-           'causal_linear_attention_quadratic', 'causal_linear_attention_cumsum', 'linear_attention_step',
-           'causal_linear_attention_recurrent', 'causal_linear_attention', 'LinearAttentionCache', 'LinearAttentionOp']
+__all__ = ['FEATURE_MAPS', 'BACKENDS', 'CAUSAL_FEATURE_MAPS', 'exp_similarity', 'similarity_attention', 'LinearAttentionState',
+           'linear_attention', 'elu_feature_map', 'softmax_feature_map', 'cos_feature_map', 'cos_similarity',
+           'efficient_attention', 'efficient_attention_weights', 'LinformerAttention', 'sparse_mask',
+           'sparse_attention', 'SparseAttention', 'causal_linear_attention_quadratic', 'causal_linear_attention_cumsum',
+           'linear_attention_step', 'causal_linear_attention_recurrent', 'causal_linear_attention',
+           'LinearAttentionCache', 'LinearAttentionOp']
 
 # %% ../../nbs/10_linear_attention.ipynb #c003
 def _check_same(tensors: dict[str, torch.Tensor]) -> None:
@@ -423,200 +426,39 @@ def _chunked_causal(q, k, v, state: LinearAttentionState | None, normalize: bool
         S, z = S + kc.transpose(-1, -2) @ vc, z + kc.sum(-2)
     return torch.cat(outs, 2).to(v.dtype), LinearAttentionState(S, z)
 
-# %% ../../nbs/10_linear_attention.ipynb #c035
-if HAS_TRITON:
-    @triton.jit
-    def _causal_forward_kernel(Q, K, V, O, DEN, S0, Z0, ST, ZT, T, DK, DV, eps,
-                               HAS_S0: tl.constexpr, STORE_ST: tl.constexpr, NORMALIZE: tl.constexpr,
-                               BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-        # one program per (batch, head); chunks of BT rows; state S [BD, BV] and z [BD] in fp32 registers
-        bh = tl.program_id(0)
-        Q, K, V, O, DEN = Q + bh * T * DK, K + bh * T * DK, V + bh * T * DV, O + bh * T * DV, DEN + bh * T
-        t, d, e = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BV)
-        d_ok, e_ok = d < DK, e < DV
-        state_off, state_ok = d[:, None] * DV + e[None, :], d_ok[:, None] & e_ok[None, :]
-        S = tl.zeros([BD, BV], dtype=tl.float32)
-        z = tl.zeros([BD], dtype=tl.float32)
-        if HAS_S0:
-            S += tl.load(S0 + bh * DK * DV + state_off, mask=state_ok, other=0.0)
-            z += tl.load(Z0 + bh * DK + d, mask=d_ok, other=0.0)
-        causal = t[:, None] >= t[None, :]
-        for start in range(0, T, BT):
-            rows = start + t
-            r_ok = rows < T
-            q = tl.load(Q + rows[:, None] * DK + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            k = tl.load(K + rows[:, None] * DK + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-            v = tl.load(V + rows[:, None] * DV + e[None, :], mask=r_ok[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
-            scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)     # [BT, BT]
-            out = tl.dot(q, S, input_precision=PRECISION) + tl.dot(scores, v, input_precision=PRECISION)
-            if NORMALIZE:
-                den = tl.sum(q * z[None, :], 1) + tl.sum(scores, 1) + eps
-                out = out / den[:, None]
-                tl.store(DEN + rows, den, mask=r_ok)
-            tl.store(O + rows[:, None] * DV + e[None, :], out.to(O.dtype.element_ty), mask=r_ok[:, None] & e_ok[None, :])
-            S += tl.dot(tl.trans(k), v, input_precision=PRECISION)
-            z += tl.sum(k, 0)
-        if STORE_ST:
-            tl.store(ST + bh * DK * DV + state_off, S, mask=state_ok)
-            tl.store(ZT + bh * DK + d, z, mask=d_ok)
-
-    @triton.jit
-    def _causal_backward_kernel(Q, K, V, O, DO, DEN, S0, Z0, DST, DZT, DQ, DK_, DV_, DS0, DZ0, T, DK, DV,
-                                HAS_S0: tl.constexpr, HAS_DST: tl.constexpr, NORMALIZE: tl.constexpr,
-                                BT: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-        # g_i = do_i / den_i and h_i = -(do_i . o_i) / den_i are the gradients of the numerator and the denominator;
-        # A_ij = [j <= i] (g_i . v_j + h_i) serves both dq (A k) and dk (A^T q).
-        bh = tl.program_id(0)
-        off_k, off_v = bh * T * DK, bh * T * DV
-        t, d, e = tl.arange(0, BT), tl.arange(0, BD), tl.arange(0, BV)
-        d_ok, e_ok = d < DK, e < DV
-        state_off, state_ok = d[:, None] * DV + e[None, :], d_ok[:, None] & e_ok[None, :]
-        causal = t[:, None] >= t[None, :]
-        # pass 1, forwards: dq_i = S_{i-1}^T-part + intra-chunk part, with the state recomputed on the way
-        S = tl.zeros([BD, BV], dtype=tl.float32)
-        z = tl.zeros([BD], dtype=tl.float32)
-        if HAS_S0:
-            S += tl.load(S0 + bh * DK * DV + state_off, mask=state_ok, other=0.0)
-            z += tl.load(Z0 + bh * DK + d, mask=d_ok, other=0.0)
-        for start in range(0, T, BT):
-            rows = start + t
-            r_ok = rows < T
-            kd_ok, ve_ok = r_ok[:, None] & d_ok[None, :], r_ok[:, None] & e_ok[None, :]
-            k = tl.load(K + off_k + rows[:, None] * DK + d[None, :], mask=kd_ok, other=0.0).to(tl.float32)
-            v = tl.load(V + off_v + rows[:, None] * DV + e[None, :], mask=ve_ok, other=0.0).to(tl.float32)
-            g = tl.load(DO + off_v + rows[:, None] * DV + e[None, :], mask=ve_ok, other=0.0).to(tl.float32)
-            h = tl.zeros([BT], dtype=tl.float32)
-            if NORMALIZE:
-                den = tl.load(DEN + bh * T + rows, mask=r_ok, other=1.0)
-                o = tl.load(O + off_v + rows[:, None] * DV + e[None, :], mask=ve_ok, other=0.0).to(tl.float32)
-                g = g / den[:, None]
-                h = -tl.sum(g * o, 1)
-            A = tl.where(causal, tl.dot(g, tl.trans(v), input_precision=PRECISION) + h[:, None], 0.0)
-            dq = tl.dot(g, tl.trans(S), input_precision=PRECISION) + h[:, None] * z[None, :] \
-                + tl.dot(A, k, input_precision=PRECISION)
-            tl.store(DQ + off_k + rows[:, None] * DK + d[None, :], dq.to(DQ.dtype.element_ty), mask=kd_ok)
-            S += tl.dot(tl.trans(k), v, input_precision=PRECISION)
-            z += tl.sum(k, 0)
-        # pass 2, backwards: dS, dz collect the gradient reaching the state from all later rows (and the final state)
-        dS = tl.zeros([BD, BV], dtype=tl.float32)
-        dz = tl.zeros([BD], dtype=tl.float32)
-        if HAS_DST:
-            dS += tl.load(DST + bh * DK * DV + state_off, mask=state_ok, other=0.0)
-            dz += tl.load(DZT + bh * DK + d, mask=d_ok, other=0.0)
-        n_chunks = tl.cdiv(T, BT)
-        for i in range(0, n_chunks):
-            rows = (n_chunks - 1 - i) * BT + t
-            r_ok = rows < T
-            kd_ok, ve_ok = r_ok[:, None] & d_ok[None, :], r_ok[:, None] & e_ok[None, :]
-            q = tl.load(Q + off_k + rows[:, None] * DK + d[None, :], mask=kd_ok, other=0.0).to(tl.float32)
-            k = tl.load(K + off_k + rows[:, None] * DK + d[None, :], mask=kd_ok, other=0.0).to(tl.float32)
-            v = tl.load(V + off_v + rows[:, None] * DV + e[None, :], mask=ve_ok, other=0.0).to(tl.float32)
-            g = tl.load(DO + off_v + rows[:, None] * DV + e[None, :], mask=ve_ok, other=0.0).to(tl.float32)
-            h = tl.zeros([BT], dtype=tl.float32)
-            if NORMALIZE:
-                den = tl.load(DEN + bh * T + rows, mask=r_ok, other=1.0)
-                o = tl.load(O + off_v + rows[:, None] * DV + e[None, :], mask=ve_ok, other=0.0).to(tl.float32)
-                g = g / den[:, None]
-                h = -tl.sum(g * o, 1)
-            A = tl.where(causal, tl.dot(g, tl.trans(v), input_precision=PRECISION) + h[:, None], 0.0)
-            scores = tl.where(causal, tl.dot(q, tl.trans(k), input_precision=PRECISION), 0.0)
-            dk = tl.dot(tl.trans(A), q, input_precision=PRECISION) + tl.dot(v, tl.trans(dS), input_precision=PRECISION) \
-                + dz[None, :]
-            dv = tl.dot(tl.trans(scores), g, input_precision=PRECISION) + tl.dot(k, dS, input_precision=PRECISION)
-            tl.store(DK_ + off_k + rows[:, None] * DK + d[None, :], dk.to(DK_.dtype.element_ty), mask=kd_ok)
-            tl.store(DV_ + off_v + rows[:, None] * DV + e[None, :], dv.to(DV_.dtype.element_ty), mask=ve_ok)
-            dS += tl.dot(tl.trans(q), g, input_precision=PRECISION)
-            dz += tl.sum(q * h[:, None], 0)
-        if HAS_S0:
-            tl.store(DS0 + bh * DK * DV + state_off, dS, mask=state_ok)
-            tl.store(DZ0 + bh * DK + d, dz, mask=d_ok)
+# %% ../../nbs/10_linear_attention.ipynb #c037
+BACKENDS = ("auto", "torch", "triton")
+CAUSAL_FEATURE_MAPS = (None, "elu")
 
 
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_TRITON_MAX_DIM = 128
-
-
-def _next_power_of_2(n: int) -> int:
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def _triton_unavailable(q: torch.Tensor, v: torch.Tensor, chunk: int) -> str | None:
-    """Why the Triton kernel cannot run on these inputs, or None."""
+def _triton_unavailable(q: torch.Tensor, v: torch.Tensor, chunk: int | None) -> str | None:
+    """Why the Triton kernels cannot run on these inputs, or None."""
     if not HAS_TRITON:
         return "triton is not installed (pip install simbook[kernels])"
     if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"tensors on {q.device.type} need TRITON_INTERPRET=1 (set before simbook.attention.linear is imported)"
-    if q.dtype not in _TRITON_DTYPES:
-        return f"the kernel takes float32, float16 or bfloat16, got {q.dtype}"
-    if max(q.shape[-1], v.shape[-1]) > _TRITON_MAX_DIM:
-        return f"the kernel supports head sizes up to {_TRITON_MAX_DIM}, got Dk={q.shape[-1]}, Dv={v.shape[-1]}"
-    if chunk < 16 or chunk & (chunk - 1):
-        return f"the kernel needs a chunk_size that is a power of 2 and >= 16, got {chunk}"
-    return None
-
-
-class _TritonCausalLinearAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, S0, z0, normalize: bool, eps: float, chunk: int):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, T, Dk = q.shape
-        Dv = v.shape[-1]
-        out = torch.empty_like(v)
-        den = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
-        S_final = torch.empty(B, H, Dk, Dv, device=q.device, dtype=torch.float32)
-        z_final = torch.empty(B, H, Dk, device=q.device, dtype=torch.float32)
-        has_s0 = S0 is not None
-        if has_s0:
-            S0, z0 = S0.float().contiguous(), z0.float().contiguous()
-        meta = dict(NORMALIZE=normalize, BT=chunk, BD=_next_power_of_2(Dk), BV=_next_power_of_2(Dv),
-                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-        _causal_forward_kernel[(B * H,)](q, k, v, out, den, S0 if has_s0 else S_final, z0 if has_s0 else z_final,
-                                         S_final, z_final, T, Dk, Dv, eps, HAS_S0=has_s0, STORE_ST=True, **meta)
-        ctx.save_for_backward(q, k, v, out, den, S0, z0)
-        ctx.meta, ctx.has_s0 = meta, has_s0
-        return out, S_final, z_final
-
-    @staticmethod
-    def backward(ctx, d_out, d_S_final, d_z_final):
-        q, k, v, out, den, S0, z0 = ctx.saved_tensors
-        B, H, T, Dk = q.shape
-        Dv = v.shape[-1]
-        has_dst = d_S_final is not None or d_z_final is not None
-        if has_dst:
-            d_S_final = (torch.zeros(B, H, Dk, Dv, device=q.device) if d_S_final is None else d_S_final).float().contiguous()
-            d_z_final = (torch.zeros(B, H, Dk, device=q.device) if d_z_final is None else d_z_final).float().contiguous()
-        d_out = torch.zeros_like(out) if d_out is None else d_out.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        dS0 = torch.empty(B, H, Dk, Dv, device=q.device) if ctx.has_s0 else dq
-        dz0 = torch.empty(B, H, Dk, device=q.device) if ctx.has_s0 else dq
-        _causal_backward_kernel[(B * H,)](
-            q, k, v, out, d_out, den, S0 if ctx.has_s0 else q, z0 if ctx.has_s0 else q,
-            d_S_final if has_dst else q, d_z_final if has_dst else q, dq, dk, dv, dS0, dz0, T, Dk, Dv,
-            HAS_S0=ctx.has_s0, HAS_DST=has_dst, **ctx.meta)
-        if not ctx.has_s0:
-            dS0 = dz0 = None
-        return dq, dk, dv, dS0, dz0, None, None, None
-
-# %% ../../nbs/10_linear_attention.ipynb #c037
-BACKENDS = ("auto", "torch", "triton")
+    return _kernels.launch_problem(q.dtype, q.shape[-1], v.shape[-1], chunk)
 
 
 def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, normalize: bool = True,
                             eps: float = 1e-6, initial_state: LinearAttentionState | None = None,
-                            return_state: bool = False, chunk_size: int = 64, backend: str = "auto",
-                            check_finite: bool = True):
+                            return_state: bool = False, chunk_size: int | None = None, backend: str = "auto",
+                            check_finite: bool = True, feature_map: str | None = None):
     """Causal linear attention $o_i=\\phi(q_i)^\\top S_i / (\\phi(q_i)^\\top z_i+\\epsilon)$ on features q, k `[B, H, T, Dk]`
-    (>= 0 when normalising) and values v `[B, H, T, Dv]`, one dtype and device. `initial_state` adds the state of
-    earlier positions; `return_state=True` returns `(output, final state)`. Triton kernel for CUDA tensors, chunked
-    PyTorch elsewhere (`backend` overrides). `check_finite=False` skips the NaN/inf scan of the inputs.
+    (>= 0 when normalising; with `feature_map="elu"` raw projections, elu+1 applied inside) and values v
+    `[B, H, T, Dv]`, one dtype and device. `initial_state` adds the state of earlier positions; `return_state=True`
+    returns `(output, final state)`. Triton kernels for CUDA tensors, chunked PyTorch elsewhere (`backend`
+    overrides); `chunk_size` None = 64. `check_finite=False` skips the NaN/inf scan of the inputs.
     Output in v's dtype; accumulation in fp32 (fp64 for fp64 inputs).
 
     Defined in: *Does attention need a softmax?*, section "One op, two backends"."""
     dims = _check_qkv(q, k, v, finite=check_finite)
     eps = _check_eps(eps)
-    chunk = check_positive_int(chunk_size, "chunk_size")
+    chunk = None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if feature_map not in CAUSAL_FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {CAUSAL_FEATURE_MAPS}, got {feature_map!r}")
     if not isinstance(normalize, bool) or not isinstance(return_state, bool):
         raise TypeError("normalize and return_state must be bools")
     if initial_state is not None:
@@ -631,15 +473,27 @@ def causal_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *
                 raise ValueError(f"the Triton backend cannot run: {reason}")
             warnings.warn(f"causal_linear_attention falls back to PyTorch: {reason}", stacklevel=2)
             use_triton = False
-    if use_triton:
-        S0 = z0 = None
-        if initial_state is not None:
-            S0, z0 = initial_state.S.float(), initial_state.z.float()
-        out, S, z = _TritonCausalLinearAttention.apply(q, k, v, S0, z0, normalize, eps, chunk)
-        state = LinearAttentionState(S, z)
+    if not use_triton:
+        if feature_map == "elu":
+            q, k = elu_feature_map(q), elu_feature_map(k)
+        out, state = _chunked_causal(q, k, v, initial_state, normalize, eps, chunk or 64)
+        return (out, state) if return_state else out
+    S0 = z0 = None
+    if initial_state is not None:
+        S0, z0 = initial_state.S.float(), initial_state.z.float()
+    fused = feature_map == "elu"
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, S0, z0) if x is not None)
+    if dims["T"] == 1 and not grad:                                       # a decoding step: one launch
+        if S0 is None:
+            S0 = torch.zeros(dims["B"], dims["H"], dims["Dk"], dims["Dv"], device=q.device)
+            z0 = torch.zeros(dims["B"], dims["H"], dims["Dk"], device=q.device)
+        out, S, z = _kernels.recurrent_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], S0, z0, normalize=normalize,
+                                            eps=eps, feature=fused)
+        out = out[:, :, None]
     else:
-        out, state = _chunked_causal(q, k, v, initial_state, normalize, eps, chunk)
-    return (out, state) if return_state else out
+        chunk = chunk or _kernels.default_chunk(q.dtype, dims["Dk"], dims["Dv"])
+        out, S, z = _kernels.ChunkedLinearAttention.apply(q, k, v, S0, z0, normalize, eps, chunk, fused)
+    return (out, LinearAttentionState(S, z)) if return_state else out
 
 # %% ../../nbs/10_linear_attention.ipynb #c041
 @dataclass
