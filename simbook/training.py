@@ -629,8 +629,9 @@ def load_record(path: str | os.PathLike) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def format_record(record: dict) -> str:
-    """A few lines that say what a recorded run was: the command, where and how long it ran, and its final metrics.
+def format_record(record: dict, *, max_metrics: int = 6) -> str:
+    """A few lines that say what a recorded run was: the command, where and how long it ran, and (the first
+    `max_metrics` of) its final metrics.
     Defined in: *One trainer*, section "Run records"."""
     git = record.get("git") or {}
     commit = (git.get("commit") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
@@ -639,9 +640,12 @@ def format_record(record: dict) -> str:
     lines = [f"$ {record['command']}",
              f"  {record['status']}; {record.get('wall_seconds')} s on {where}; commit {commit}",
              f"  torch {record['versions']['torch']}, simbook {record['versions']['simbook']}, seed {record['seed']}"]
-    if record.get("final"):
-        lines.append("  final: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in record["final"].items()))
+    items = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in (record.get("final") or {}).items()
+             if isinstance(v, (int, float, str))]
+    shown = items[:max_metrics]
+    if shown:
+        more = f" (+{len(items) - len(shown)} more in the record)" if len(items) > len(shown) else ""
+        lines.append("  final: " + ", ".join(shown) + more)
     return "\n".join(lines)
 
 # %% ../nbs/00b_training.ipynb #c030
@@ -735,6 +739,7 @@ def start_run(args: argparse.Namespace, config=None, *, name: str) -> RunRecord:
 
     Defined in: *One trainer*, section "Configurations and the command line"."""
     device = resolve_device(args.device)
+    init_distributed(device)                # under torchrun: join the group first, so that only rank 0 records
     if args.threads is not None:
         check_positive_int(args.threads, "threads")
         torch.set_num_threads(args.threads)

@@ -253,7 +253,7 @@ class Pretrained:
     """Mixin for an `nn.Module` whose constructor takes one configuration dataclass (`config_class`, kept as
     `self.config`): `save_pretrained(directory)` / `from_pretrained(directory)` in the book's checkpoint layout.
 
-    Subclasses with extra files override `_save_extra(directory)` and the classmethod `_from_config(config, directory)`.
+    `from_pretrained` returns the model in eval mode. Subclasses with extra files override `_save_extra(directory)` and the classmethod `_from_config(config, directory)`.
     Defined in: *Conventions*, section "One way to save a model"."""
     config_class: type = None
 
@@ -287,7 +287,7 @@ class Pretrained:
                              f"{', '.join(unknown)}")
         model = cls._from_config(config, directory)
         load_state_dict_strict(model, state)
-        return model
+        return model.eval()                             # like a loaded model anywhere: ready for inference
 
 # %% ../nbs/00_conventions.ipynb #c017
 def use_cjk_font() -> str:
