@@ -46,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"simbook {args.command}: error: {e}\n")
 
 
-if __name__ == "__main__":          # `python -m simbook.cli ...`, and `torchrun -m simbook.cli ...`
+# `python -m simbook.cli ...` and `torchrun -m simbook.cli ...`; a notebook kernel is also "__main__" but has no file
+if __name__ == "__main__" and "__file__" in globals():
     raise SystemExit(main())
 
 # %% auto #0

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from ..attention.masks import causal_mask
-from ..decoding import (StepDecoder, greedy, language_model_loss, non_termination_ratio, paragraph_corpus,
-                              perplexity, repetition_stats, train_language_model)
+from ..decoding import (StepDecoder, greedy, language_model_loss, non_termination_ratio, perplexity,
+                              repetition_stats)
+from .decoding import paragraph_corpus, train_language_model
 from ..models.gpt import GPT
 from ..optim.clipping import GradientClipper
 from ..optim.mgs import MGS, _check_alpha, loaded_parameters
@@ -237,7 +238,7 @@ def repetition_experiment(config: RepetitionConfig | None = None, *, seed: int =
                                      activation="gelu_tanh")
     pretrained = GPT(model_config)
     train_language_model(pretrained, tokenizer, train_text, steps=c.pretrain_steps, batch_size=c.batch_size, lr=c.lr,
-                         max_chars=c.max_chars, seed=seed, progress=progress)
+                         max_chars=c.max_chars, seed=seed, device=device, progress=progress)
 
     def measure(model):
         model.eval()
