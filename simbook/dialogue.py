@@ -183,8 +183,9 @@ def training_example(turns: Sequence[Sequence[int]], tokenizer: Tokenizer, *, ma
 
 # %% ../nbs/09_dialogpt.ipynb #c035
 def batch_loss(model: GPT, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token NLL over the batch's supervised tokens (on the model's device). Defined in: *Build a
-    DialoGPT*, section "Training examples and the loss"."""
+    """Mean next-token NLL over the batch's supervised tokens (on the model's device).
+
+    Defined in: *Build a DialoGPT*, section "Training examples and the loss"."""
     device = next(model.parameters()).device
     ids, segments, valid, supervised = (batch[k].to(device) for k in ("input_ids", "segment_ids", "valid",
                                                                        "supervised"))

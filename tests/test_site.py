@@ -225,7 +225,9 @@ def test_page(docname, browser, server, shots):
             # chapters with figures stored in the notebook must show them
             if _n_figures(docname):
                 assert widths, f"{docname}.ipynb has {_n_figures(docname)} figure(s), the page none"
-            assert page.locator("article .nbdev-exports").count() == 1, "no 'This chapter exports' note"
+            exports = "#| default_exp" in (ROOT / f"{docname}.ipynb").read_text(encoding="utf-8")
+            assert page.locator("article .nbdev-exports").count() == int(exports), \
+                "no 'This chapter exports' note" if exports else "an exports note on a page that exports nothing"
             # the content column fits the book's code width: a line of <= 110 characters does not scroll sideways
             for longest, scroll, client in page.evaluate(_CODE_WIDTH_JS):
                 if longest <= 110:
