@@ -1,6 +1,7 @@
 """simbook's decoder (StepDecoder + greedy / sample) vs Hugging Face transformers' `generate`: tokens per second on
 the same tiny random GPT-2 weights, for simbook's fast path (PackedGPT, the default for a GPT) and its general path
-(`StepDecoder(model, fast=False)`, the one every other model takes).
+(`StepDecoder(model, fast=False)`, the one every other model takes), and for greedy decoding `GraphedGreedy` (a
+static cache and the whole step in one CUDA graph on a GPU; the same step run eagerly on a CPU).
 
 Run:  python benchmarks/decoding.py [--device cpu|cuda] [--repeats 7] [--batches 1 16] [--threads N] [--profile]
 
@@ -24,6 +25,7 @@ import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from simbook.decoding import StepDecoder, greedy, sample
+from simbook.graph_decoding import GraphedGreedy
 from simbook.models.gpt import load_hf_gpt2
 
 PROMPT, NEW_TOKENS, VOCAB = 16, 128, 5000
@@ -100,13 +102,17 @@ def main():
     print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} "
           f"transformers={transformers.__version__} prompt={PROMPT} new_tokens={NEW_TOKENS} repeats={args.repeats}")
     print(f"{'batch':>5} {'mode':>7} {'simbook tok/s':>14} {'general path':>13} {'transformers tok/s':>19} "
-          f"{'ratio':>6} {'general ratio':>14}")
+          f"{'ratio':>6} {'general ratio':>14} {'graphed tok/s':>14} {'graphed ratio':>14}")
     rows = []
     for batch in args.batches:
         ids = torch.randint(0, VOCAB, (batch, PROMPT), generator=torch.Generator().manual_seed(batch)).to(device)
         for mode in args.modes:
             run_ours, run_theirs = runners(ours, theirs, ids, mode, seed=batch)
             run_general, _ = runners(ours, theirs, ids, mode, seed=batch, fast=False)
+            graphed = None
+            if mode == "greedy":
+                static = GraphedGreedy(ours, batch=batch, capacity=PROMPT + NEW_TOKENS)
+                graphed = lambda: static.generate(ids, max_new_tokens=NEW_TOKENS).tokens
             with torch.inference_mode():
                 _, a = timed(run_ours, sync)                              # warm-up, and the checks
                 _, b = timed(run_theirs, sync)
@@ -115,16 +121,23 @@ def main():
                 if mode == "greedy":
                     assert torch.equal(a, b), "simbook's greedy tokens differ from transformers'"
                     assert torch.equal(a, c), "the fast and the general path give different greedy tokens"
-                t_ours, t_general, t_theirs = [], [], []
+                    _, d = timed(graphed, sync)                           # captures the graph on CUDA
+                    assert torch.equal(a, d), "GraphedGreedy's tokens differ from the packed path's"
+                t_ours, t_general, t_theirs, t_graphed = [], [], [], []
+                runs = [(t_ours, run_ours), (t_general, run_general), (t_theirs, run_theirs)]
+                if graphed is not None:
+                    runs.append((t_graphed, graphed))
                 for r in range(args.repeats):                             # interleaved, rotating who goes first
-                    trio = [(t_ours, run_ours), (t_general, run_general), (t_theirs, run_theirs)]
-                    for times, fn in trio[r % 3:] + trio[:r % 3]:
+                    k = r % len(runs)
+                    for times, fn in runs[k:] + runs[:k]:
                         times.append(timed(fn, sync)[0])
             tokens = batch * NEW_TOKENS
             ours_tps, general_tps, theirs_tps = (tokens / statistics.median(t) for t in (t_ours, t_general, t_theirs))
-            rows.append((batch, mode, ours_tps, general_tps, theirs_tps))
+            graphed_tps = tokens / statistics.median(t_graphed) if t_graphed else float("nan")
+            rows.append((batch, mode, ours_tps, general_tps, theirs_tps, graphed_tps))
             print(f"{batch:>5} {mode:>7} {ours_tps:>14.0f} {general_tps:>13.0f} {theirs_tps:>19.0f} "
-                  f"{ours_tps / theirs_tps:>6.2f} {general_tps / theirs_tps:>14.2f}", flush=True)
+                  f"{ours_tps / theirs_tps:>6.2f} {general_tps / theirs_tps:>14.2f} {graphed_tps:>14.0f} "
+                  f"{graphed_tps / theirs_tps:>14.2f}", flush=True)
     if args.profile:
         profile_simbook(ours, device, min(args.batches))
     return rows

@@ -14,7 +14,7 @@ LAYERS = {
     "simbook.utils": 0,
     "simbook.optim": 1, "simbook.attribution": 1, "simbook.text": 1, "simbook.attention": 1,
     "simbook.training": 2, "simbook.models": 2,
-    "simbook.seq2seq": 3, "simbook.decoding": 3,
+    "simbook.seq2seq": 3, "simbook.decoding": 3, "simbook.graph_decoding": 3, "simbook.recurrent": 3,
     "simbook.simbert": 4, "simbook.search": 4, "simbook.dialogue": 4,
     "simbook.experiments": 5,
     "simbook.cli": 6,
