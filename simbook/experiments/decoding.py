@@ -21,7 +21,10 @@ from ..utils import check_positive_int
 
 # %% auto #0
 __all__ = ['DECODERS', 'MODELS', 'ParagraphCorpus', 'paragraph_corpus', 'train_language_model', 'non_termination_ratios',
-           'NonTerminationConfig', 'run_non_termination', 'format_non_termination_table', 'register_cli']
+           'NonTerminationConfig', 'run_non_termination', 'format_non_termination_table', 'register_cli', 'ScaleConfig',
+           'random_contexts', 'language_model', 'step_decoder', 'continuation_lengths', 'unfinished_by',
+           'wilson_interval', 'summarize_scale', 'format_scale_table', 'run_scale_model', 'run_non_termination_scale',
+           'load_scale_results', 'register_scale_cli']
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c006
 @dataclass
@@ -259,7 +262,7 @@ def _run_cli(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add `simbook non-termination`. Defined in: *Seq2seq that won't stop: the experiment*, section "The `simbook
+    """Add `simbook non-termination` (and `simbook non-termination-scale`). Defined in: *Seq2seq that won't stop: the experiment*, section "The `simbook
     non-termination` command"."""
     p = subparsers.add_parser("non-termination", help="train vanilla and self-terminating LMs, tabulate r_L",
                               description="Train a vanilla and a self-terminating GPT on People's Daily paragraphs "
@@ -267,3 +270,351 @@ def register_cli(subparsers) -> None:
     add_run_arguments(p, name="non-termination")
     add_config_arguments(p, NonTerminationConfig)
     p.set_defaults(run=_run_cli)
+    register_scale_cli(subparsers)              # section "At the paper's scale"
+
+# %% ../../nbs/08b_decoding_experiments.ipynb #c023
+import argparse
+import dataclasses
+import math
+import subprocess
+import sys
+import time
+
+from ..optim.clipping import GradientClipper
+from ..recurrent import RecurrentConfig, RecurrentLM, RecurrentStepDecoder
+from ..utils import write_json
+
+# %% ../../nbs/08b_decoding_experiments.ipynb #c024
+@dataclass
+class ScaleConfig:
+    """Non-termination at the paper's scale: every architecture x (vanilla, ST at each epsilon) x seed is trained on
+    People's Daily paragraphs and decoded from `contexts` real and `contexts` random-token contexts up to `cap` new
+    tokens. Defaults are the full run of `simbook non-termination-scale`; `small()` is the chapter's live preset.
+
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
+    architectures: tuple[str, ...] = field(default=("tanh", "lstm", "gpt"),
+                                           metadata={"help": "tanh (Elman RNN), lstm, gpt"})
+    epsilons: tuple[float, ...] = field(default=(1e-2, 1e-3, 1e-4), metadata={"help": "epsilons of the ST models"})
+    seeds: int = field(default=3, metadata={"help": "training seeds per model"})
+    steps: int = field(default=2000, metadata={"help": "training steps per model"})
+    batch_size: int = field(default=64, metadata={"help": "paragraphs per step"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate (cosine schedule, warm-up over the first 5 percent)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
+    width: int = field(default=256, metadata={"help": "state size of the RNNs, width of the GPT"})
+    layers: int = field(default=2, metadata={"help": "layers"})
+    heads: int = field(default=4, metadata={"help": "GPT attention heads"})
+    cap: int = field(default=1000, metadata={"help": "length cap L in generated tokens"})
+    contexts: int = field(default=1000, metadata={"help": "real contexts, and as many random-token ones"})
+    prompt_chars: int = field(default=10, metadata={"help": "tokens of each context"})
+    max_chars: int = field(default=120, metadata={"help": "longest training paragraph"})
+    vocab: int = field(default=1500, metadata={"help": "most frequent characters kept"})
+    decoders: tuple[str, ...] = field(default=("greedy", "beam 2", "ancestral", "top-k 4", "nucleus 0.4",
+                                               "consistent top-k 4", "consistent nucleus 0.4"),
+                                      metadata={"help": "decoders (names of DECODERS)"})
+    lengths: tuple[int, ...] = field(default=(10, 20, 50, 100, 200, 500, 1000),
+                                     metadata={"help": "L at which r_L is reported (<= cap)"})
+    decode_batch: int = field(default=1000, metadata={"help": "contexts decoded at once"})
+
+    def __post_init__(self):
+        for name in ("seeds", "steps", "batch_size", "width", "layers", "heads", "cap", "contexts", "prompt_chars",
+                     "max_chars", "vocab", "decode_batch"):
+            check_positive_int(getattr(self, name), name)
+        self.architectures, self.epsilons = tuple(self.architectures), tuple(float(e) for e in self.epsilons)
+        self.decoders, self.lengths = tuple(self.decoders), tuple(int(n) for n in self.lengths)
+        unknown = [a for a in self.architectures if a not in ("tanh", "lstm", "gpt")]
+        if unknown or not self.architectures:
+            raise ValueError(f"architectures must be among tanh, lstm, gpt; got {self.architectures}")
+        if not all(0 < e < 1 for e in self.epsilons):
+            raise ValueError(f"every epsilon must be in (0, 1), got {self.epsilons}")
+        missing = [d for d in self.decoders if d not in DECODERS]
+        if missing or not self.decoders:
+            raise ValueError(f"unknown decoders {missing}; choose among {list(DECODERS)}")
+        if not self.lengths or any(not 0 < n <= self.cap for n in self.lengths):
+            raise ValueError(f"lengths must be in [1, cap={self.cap}], got {self.lengths}")
+        if not (self.lr > 0 and self.clip > 0):
+            raise ValueError("lr and clip must be positive")
+
+    @classmethod
+    def small(cls, **changes) -> "ScaleConfig":
+        """The chapter's live preset: one seed, one epsilon, small models, 40 + 40 contexts, L = 64."""
+        return cls(**{"epsilons": (1e-2,), "seeds": 1, "steps": 150, "width": 48, "cap": 64, "contexts": 40,
+                      "max_chars": 48, "lengths": (8, 16, 32, 64), "decoders": ("greedy", "beam 2", "ancestral",
+                      "top-k 4", "consistent top-k 4"), **changes})
+
+    def variants(self) -> dict[str, float | None]:
+        """Model variants: "vanilla" and "ST <epsilon>" -> the epsilon of the self-terminating layer (or None)."""
+        return {"vanilla": None, **{f"ST {e:g}": e for e in self.epsilons}}
+
+    def runs(self) -> list[tuple[str, str, int]]:
+        """Every (architecture, variant, seed), seed-major: a partial run holds whole seeds."""
+        return [(a, v, s) for s in range(self.seeds) for a in self.architectures for v in self.variants()]
+
+# %% ../../nbs/08b_decoding_experiments.ipynb #c026
+def random_contexts(tokenizer: CharTokenizer, count: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """`[CLS]` followed by `length` tokens drawn uniformly from the non-special vocabulary `[count, 1 + length]`.
+
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
+    specials = {tokenizer.pad_id, tokenizer.cls_id, tokenizer.sep_id, tokenizer.unk_id, tokenizer.mask_id}
+    ordinary = torch.tensor([i for i in range(tokenizer.vocab_size) if i not in specials])
+    body = ordinary[torch.randint(len(ordinary), (count, length), generator=generator)]
+    return torch.cat([torch.full((count, 1), tokenizer.cls_id), body], 1)
+
+
+def language_model(architecture: str, vocab_size: int, config: ScaleConfig) -> torch.nn.Module:
+    """A tanh RNN, an LSTM or a GPT of the configured size; the GPT's position table covers the training
+    paragraphs and context + cap (positions past the longest paragraph are never trained).
+
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
+    if architecture in ("tanh", "lstm"):
+        return RecurrentLM(RecurrentConfig(vocab_size=vocab_size, hidden_size=config.width,
+                                           num_layers=config.layers, cell=architecture))
+    return GPT(TransformerConfig(vocab_size=vocab_size, hidden_size=config.width, num_layers=config.layers,
+                                 num_heads=config.heads, intermediate_size=4 * config.width,
+                                 max_position=max(config.max_chars, config.prompt_chars + config.cap) + 2, dropout=0.0, pre_norm=True,
+                                 activation="gelu_tanh"))
+
+
+def step_decoder(model, epsilon: float | None) -> StepDecoder:
+    """The chapter's step decoder for a GPT, `RecurrentStepDecoder` for a recurrent model."""
+    if isinstance(model, RecurrentLM):
+        return RecurrentStepDecoder(model, self_terminating=epsilon)
+    return StepDecoder(model, self_terminating=epsilon)
+
+
+def continuation_lengths(model, epsilon: float | None, contexts: torch.Tensor, decoder: str, *, cap: int, eos_id: int,
+                         pad_id: int, seed: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode every context with `decoder` (a name of `DECODERS`) up to `cap` tokens, `batch` contexts at a time;
+    returns (finished `[N]`, lengths `[N]`) on the CPU. Defined in: *Seq2seq that won't stop: the experiment*,
+    section "At the paper's scale"."""
+    kind, options = DECODERS[decoder]
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    finished, lengths = [], []
+    for start in range(0, len(contexts), batch):
+        ids = contexts[start:start + batch].to(device)
+        common = dict(max_new_tokens=cap, eos_id=eos_id, pad_id=pad_id)
+        decoding = step_decoder(model, epsilon)
+        if kind == "greedy":
+            out = greedy(decoding, ids, **common)
+        elif kind == "beam":
+            out = beam_search(decoding, ids, **common, **options)
+        else:
+            out = sample(decoding, ids, **common, **options, generator=generator)
+        finished.append(out.finished.cpu())
+        lengths.append(out.lengths.cpu())
+    return torch.cat(finished), torch.cat(lengths)
+
+
+def unfinished_by(finished: torch.Tensor, lengths: torch.Tensor, caps) -> list[int]:
+    """For each L in `caps`: how many continuations have no `<eos>` among their first L tokens. Greedy and sampling
+    decode left to right, so a run to the largest cap answers every smaller one exactly; for beam search it is the
+    share of returned hypotheses longer than L. Defined in: *Seq2seq that won't stop: the experiment*, section
+    "At the paper's scale"."""
+    return [int((~finished | (lengths > L)).sum()) for L in caps]
+
+# %% ../../nbs/08b_decoding_experiments.ipynb #c028
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion k/n (95% by default). Defined in: *Seq2seq that won't stop:
+    the experiment*, section "At the paper's scale"."""
+    check_positive_int(n, "n")
+    if not 0 <= k <= n:
+        raise ValueError(f"k must be in [0, n={n}], got {k}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize_scale(results: list[dict]) -> dict:
+    """Pool the per-model results over seeds. For every "architecture | variant | decoder | context set": r_L at each
+    L as the mean and sd over seeds, and the pooled count with its Wilson 95% interval; for every
+    "architecture | variant": perplexity mean, sd and the seeds. Defined in: *Seq2seq that won't stop: the
+    experiment*, section "At the paper's scale"."""
+    groups, perplexities = {}, {}
+    for r in results:
+        model = f"{r['architecture']} | {r['variant']}"
+        perplexities.setdefault(model, []).append(r["perplexity"])
+        for key, counts in r["unfinished"].items():
+            groups.setdefault(f"{model} | {key}", []).append((r["contexts"], counts, r["lengths"]))
+    summary = {"r_L": {}, "perplexity": {}}
+    for key, runs in groups.items():
+        lengths = runs[0][2]
+        rows = []
+        for i, L in enumerate(lengths):
+            ratios = [counts[i] / n for n, counts, _ in runs]
+            k, n = sum(counts[i] for _, counts, _ in runs), sum(n for n, _, _ in runs)
+            low, high = wilson_interval(k, n)
+            mean = sum(ratios) / len(ratios)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in ratios) / (len(ratios) - 1)) if len(ratios) > 1 else 0.0
+            rows.append({"L": L, "mean": round(mean, 5), "sd": round(sd, 5), "k": k, "n": n,
+                         "low": round(low, 5), "high": round(high, 5), "seeds": len(ratios)})
+        summary["r_L"][key] = rows
+    for model, values in perplexities.items():
+        mean = sum(values) / len(values)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        summary["perplexity"][model] = {"mean": round(mean, 3), "sd": round(sd, 3), "seeds": len(values)}
+    return summary
+
+
+def format_scale_table(summary: dict, *, L: int | None = None) -> str:
+    """r_L at one L (default: the largest) per model and decoder, real and random contexts, as text: mean ± sd over
+    seeds and the pooled 95% interval. Defined in: *Seq2seq that won't stop: the experiment*, section "At the
+    paper's scale"."""
+    lines = [f"{'model':>16} {'decoder':>24} {'real contexts':>30} {'random contexts':>30}"]
+    keys = sorted({k.rsplit(" | ", 1)[0] for k in summary["r_L"]}, key=lambda k: k.split(" | "))
+    for key in keys:
+        model, decoder = key.rsplit(" | ", 1)[0].split(" | ", 1)[0] + " " + key.split(" | ")[1], key.split(" | ")[2]
+        cells = []
+        for kind in ("real", "random"):
+            rows = summary["r_L"].get(f"{key} | {kind}")
+            row = rows[-1] if L is None else next(r for r in rows if r["L"] == L)
+            cells.append(f"{row['mean']:.3f}±{row['sd']:.3f} [{row['low']:.3f},{row['high']:.3f}]")
+        lines.append(f"{model:>16} {decoder:>24} {cells[0]:>30} {cells[1]:>30}")
+    return "\n".join(lines)
+
+# %% ../../nbs/08b_decoding_experiments.ipynb #c030
+def _train(architecture: str, epsilon: float | None, seed: int, config: ScaleConfig, corpus: ParagraphCorpus,
+           device: str, progress) -> tuple[torch.nn.Module, float]:
+    tokenizer, eos = corpus.tokenizer, corpus.tokenizer.sep_id
+    torch.manual_seed(seed)
+    model = language_model(architecture, tokenizer.vocab_size, config)
+    sentences = corpus.train
+
+    def batch_fn(step: int, generator: torch.Generator) -> dict:
+        index = torch.randint(len(sentences), (config.batch_size,), generator=generator).tolist()
+        return language_model_batch(tokenizer, [sentences[i] for i in index], config.max_chars)
+
+    def loss_fn(model, batch):
+        ids, valid = batch["input_ids"], batch["valid"]
+        return language_model_loss(model(ids, mask=causal_mask(valid)), ids, valid, self_terminating=epsilon,
+                                   eos_id=eos)
+
+    result = fit(model, loss_fn, batch_fn, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
+                 schedule="cosine", warmup=max(1, config.steps // 20), clip=GradientClipper(config.clip),
+                 weight_fn=_predicted_tokens, device=device, seed=seed, progress=progress,
+                 desc=f"{architecture} {epsilon or 'vanilla'} seed {seed}")
+    return result.model.eval(), result.losses[-1]
+
+
+def run_scale_model(architecture: str, variant: str, seed: int, config: ScaleConfig, corpus: ParagraphCorpus, *,
+                    device: str = "auto", progress=False) -> dict:
+    """Train one model and decode both context sets with every configured decoder. Returns JSON-ready results:
+    final training loss, held-out perplexity, and per decoder and context set the count of continuations without
+    `<eos>` at each L of `config.lengths` (of `config.contexts`). Defined in: *Seq2seq that won't stop: the
+    experiment*, section "At the paper's scale"."""
+    epsilon = config.variants()[variant]
+    started = time.time()
+    model, final_loss = _train(architecture, epsilon, seed, config, corpus, device, progress)
+    tokenizer = corpus.tokenizer
+    contexts = {"real": corpus.prompts(corpus.test[:config.contexts]),
+                "random": random_contexts(tokenizer, config.contexts, config.prompt_chars,
+                                          torch.Generator().manual_seed(10_000 + seed))}
+    unfinished = {}
+    for decoder in config.decoders:
+        for kind, ids in contexts.items():
+            finished, lengths = continuation_lengths(model, epsilon, ids, decoder, cap=config.cap,
+                                                     eos_id=tokenizer.sep_id, pad_id=tokenizer.pad_id, seed=seed,
+                                                     batch=config.decode_batch)
+            unfinished[f"{decoder} | {kind}"] = unfinished_by(finished, lengths, config.lengths)
+    held_out = perplexity(model, tokenizer, corpus.test, max_chars=config.max_chars, self_terminating=epsilon)
+    return {"architecture": architecture, "variant": variant, "seed": seed, "final_loss": round(final_loss, 5),
+            "perplexity": round(held_out, 4), "contexts": config.contexts, "lengths": list(config.lengths),
+            "unfinished": unfinished, "seconds": round(time.time() - started, 1)}
+
+# %% ../../nbs/08b_decoding_experiments.ipynb #c031
+def _result_path(save_dir: Path, architecture: str, variant: str, seed: int) -> Path:
+    return Path(save_dir) / "results" / f"{architecture}-{variant.replace(' ', '')}-seed{seed}.json"
+
+
+def run_non_termination_scale(config: ScaleConfig, *, device: str = "auto", save_dir=None, shard: tuple[int, int] = (0, 1),
+                              progress=False, deadline: float | None = None) -> list[dict]:
+    """Run `config.runs()` (those of this `shard` = (index, count)), each one's results written to
+    `save_dir/results/<model>.json` as soon as it is done; models already there are read back, not rerun, so an
+    interrupted run continues where it stopped. `deadline` (a `time.time()`): start no model after it.
+    Returns the results of this shard. Defined in: *Seq2seq that won't stop: the experiment*, section "At the
+    paper's scale"."""
+    index, count = shard
+    if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
+    corpus = paragraph_corpus(prompt_chars=config.prompt_chars, max_chars=config.max_chars, vocab=config.vocab,
+                              min_test=config.contexts)
+    results = []
+    for number, (architecture, variant, seed) in enumerate(config.runs()):
+        if number % count != index:
+            continue
+        path = None if save_dir is None else _result_path(save_dir, architecture, variant, seed)
+        if path is not None and path.is_file():
+            results.append(json.loads(path.read_text(encoding="utf-8")))
+            continue
+        if deadline is not None and time.time() > deadline:
+            break
+        result = run_scale_model(architecture, variant, seed, config, corpus, device=device, progress=progress)
+        if path is not None:
+            write_json(path, result)
+        results.append(result)
+    return results
+
+
+def load_scale_results(save_dir) -> list[dict]:
+    """Every per-model result in `save_dir/results`. Defined in: *Seq2seq that won't stop: the experiment*, section
+    "At the paper's scale"."""
+    return [json.loads(p.read_text(encoding="utf-8")) for p in sorted((Path(save_dir) / "results").glob("*.json"))]
+
+# %% ../../nbs/08b_decoding_experiments.ipynb #c035
+def _config_options(config: ScaleConfig) -> list[str]:
+    # the command-line options that rebuild `config` (for the worker processes of --jobs)
+    options = []
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        options += ["--" + f.name.replace("_", "-"), *(map(str, value) if isinstance(value, tuple) else [str(value)])]
+    return options
+
+
+def _run_scale_cli(args) -> int:
+    config = config_from_args(ScaleConfig, args)
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    if args.shard is not None:                                  # a worker of --jobs: results only, no record
+        index, count = (int(x) for x in args.shard.split("/"))
+        run_non_termination_scale(config, device=args.device, save_dir=args.save, shard=(index, count),
+                                  deadline=deadline)
+        return 0
+    check_positive_int(args.jobs, "jobs")
+    args.resume = False                                         # finished models in <save>/results are always reused
+    record = start_run(args, config, name="non-termination-scale")
+    if args.jobs > 1:                                           # worker processes share the device
+        command = [sys.executable, "-m", "simbook.cli", "non-termination-scale", *_config_options(config),
+                   "--device", args.device, "--save", str(args.save), "--no-progress"]
+        if args.minutes is not None:
+            command += ["--minutes", str(args.minutes)]
+        workers = [subprocess.Popen(command + ["--shard", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
+        failed = [i for i, worker in enumerate(workers) if worker.wait() != 0]
+        if failed:
+            print(f"non-termination-scale: worker(s) {failed} failed; rerun the command to continue", file=sys.stderr)
+    else:
+        run_non_termination_scale(config, device=args.device, save_dir=args.save,
+                                  progress=False if args.no_progress else None, deadline=deadline)
+    results = load_scale_results(args.save)
+    summary = summarize_scale(results)
+    record.data["models"] = results
+    record.finish(summary=summary, models_done=len(results), models_planned=len(config.runs()))
+    print(f"{len(results)} of {len(config.runs())} models; r_L at L={config.lengths[-1]} (mean ± sd over seeds "
+          f"[pooled 95% interval]):")
+    print(format_scale_table(summary))
+    return 0
+
+
+def register_scale_cli(subparsers) -> None:
+    """Add `simbook non-termination-scale`. Defined in: *Seq2seq that won't stop: the experiment*, section "At the
+    paper's scale"."""
+    p = subparsers.add_parser("non-termination-scale", help="r_L of RNN, LSTM and GPT LMs at the paper's scale",
+                              description="Train tanh-RNN, LSTM and GPT language models, vanilla and "
+                                          "self-terminating, over seeds; decode real and random contexts with every "
+                                          "decoder up to the cap; record r_L with intervals. Finished models in "
+                                          "<save>/results are reused, so rerunning the command continues a run.")
+    add_run_arguments(p, name="non-termination-scale")
+    add_config_arguments(p, ScaleConfig)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device (default 1)")
+    p.add_argument("--minutes", type=float, default=None, help="start no new model after this many minutes")
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
+    p.set_defaults(run=_run_scale_cli)
