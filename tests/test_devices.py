@@ -177,3 +177,39 @@ def test_trainer_step_on_device_equals_cpu(device):
     assert max(abs(a - b) for a, b in zip(reference.losses, mine.losses)) < 1e-5
     mixed = run(device, amp="auto")                      # bf16 autocast on CUDA, fp32 on the CPU
     assert all(math.isfinite(x) for x in mixed.losses) and mixed.losses[-1] < mixed.losses[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_simbert_encode_and_generate_on_device(device):
+    from simbook.experiments.simbert import new_simbert
+    from simbook.text import CharTokenizer
+
+    sentences = ["今天天气不错，我们去公园散步吧。", "明天可能会下雨，记得带伞。", "这本书的内容很有意思。"]
+    model = new_simbert(CharTokenizer.build(sentences), hidden_size=32, num_layers=1, num_heads=2, maxlen=16).eval()
+    reference = model.encode(sentences).double()
+    cpu_greedy = model.generate(sentences[0], 2, top_k=1)            # top-1 sampling: deterministic
+    model.to(device)
+    vectors = model.encode(sentences)
+    assert vectors.device.type == device
+    assert (vectors.cpu().double() - reference).abs().max().item() < 1e-4
+    assert model.generate(sentences[0], 2, top_k=1) == cpu_greedy
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cell", ["tanh", "lstm"])
+def test_recurrent_decoding_on_device(device, cell):
+    from simbook.decoding import greedy
+    from simbook.recurrent import RecurrentConfig, RecurrentLM, RecurrentStepDecoder
+
+    torch.manual_seed(0)
+    model = RecurrentLM(RecurrentConfig(vocab_size=40, hidden_size=24, num_layers=2, cell=cell)).eval()
+    prompts = torch.randint(3, 40, (4, 6), generator=_gen(8))
+    valid = torch.arange(6)[None] < torch.tensor([6, 2, 4, 5])[:, None]
+    expected = greedy(RecurrentStepDecoder(model), prompts, valid, max_new_tokens=20)
+    with torch.no_grad():
+        reference = model.double()(prompts)[:, -1]
+    model.float().to(device)
+    got = greedy(RecurrentStepDecoder(model), prompts.to(device), valid.to(device), max_new_tokens=20)
+    assert torch.equal(got.tokens.cpu(), expected.tokens)
+    with torch.no_grad():
+        assert (model(prompts.to(device))[:, -1].cpu().double() - reference).abs().max().item() < 1e-4

@@ -23,8 +23,8 @@ from ..utils import check_positive_int
 __all__ = ['DECODERS', 'MODELS', 'ParagraphCorpus', 'paragraph_corpus', 'train_language_model', 'non_termination_ratios',
            'NonTerminationConfig', 'run_non_termination', 'format_non_termination_table', 'register_cli', 'ScaleConfig',
            'random_contexts', 'language_model', 'step_decoder', 'continuation_lengths', 'unfinished_by',
-           'wilson_interval', 'summarize_scale', 'format_scale_table', 'run_scale_model', 'run_non_termination_scale',
-           'load_scale_results', 'register_scale_cli']
+           'wilson_interval', 'summarize_scale', 'format_scale_table', 'model_config', 'run_scale_model',
+           'run_non_termination_scale', 'load_scale_results', 'register_scale_cli']
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c006
 @dataclass
@@ -474,6 +474,12 @@ def format_scale_table(summary: dict, *, L: int | None = None) -> str:
     return "\n".join(lines)
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c030
+def model_config(config: ScaleConfig) -> dict:
+    """The fields of `config` that change one model's results (not which models run, nor how many at once)."""
+    skip = {"architectures", "epsilons", "seeds", "decode_batch"}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items() if k not in skip}
+
+
 def _train(architecture: str, epsilon: float | None, seed: int, config: ScaleConfig, corpus: ParagraphCorpus,
            device: str, progress) -> tuple[torch.nn.Module, float]:
     tokenizer, eos = corpus.tokenizer, corpus.tokenizer.sep_id
@@ -518,7 +524,8 @@ def run_scale_model(architecture: str, variant: str, seed: int, config: ScaleCon
                                                      batch=config.decode_batch)
             unfinished[f"{decoder} | {kind}"] = unfinished_by(finished, lengths, config.lengths)
     held_out = perplexity(model, tokenizer, corpus.test, max_chars=config.max_chars, self_terminating=epsilon)
-    return {"architecture": architecture, "variant": variant, "seed": seed, "final_loss": round(final_loss, 5),
+    return {"architecture": architecture, "variant": variant, "seed": seed, "model_config": model_config(config),
+            "final_loss": round(final_loss, 5),
             "perplexity": round(held_out, 4), "contexts": config.contexts, "lengths": list(config.lengths),
             "unfinished": unfinished, "seconds": round(time.time() - started, 1)}
 
@@ -531,7 +538,7 @@ def run_non_termination_scale(config: ScaleConfig, *, device: str = "auto", save
                               progress=False, deadline: float | None = None) -> list[dict]:
     """Run `config.runs()` (those of this `shard` = (index, count)), each one's results written to
     `save_dir/results/<model>.json` as soon as it is done; models already there are read back, not rerun, so an
-    interrupted run continues where it stopped. `deadline` (a `time.time()`): start no model after it.
+    interrupted run continues where it stopped (a model made with another configuration is refused). `deadline` (a `time.time()`): start no model after it.
     Returns the results of this shard. Defined in: *Seq2seq that won't stop: the experiment*, section "At the
     paper's scale"."""
     index, count = shard
@@ -545,7 +552,10 @@ def run_non_termination_scale(config: ScaleConfig, *, device: str = "auto", save
             continue
         path = None if save_dir is None else _result_path(save_dir, architecture, variant, seed)
         if path is not None and path.is_file():
-            results.append(json.loads(path.read_text(encoding="utf-8")))
+            result = json.loads(path.read_text(encoding="utf-8"))
+            if result.get("model_config") != model_config(config):
+                raise ValueError(f"{path} was made with another configuration; choose another --save folder")
+            results.append(result)
             continue
         if deadline is not None and time.time() > deadline:
             break
