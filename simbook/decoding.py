@@ -138,17 +138,20 @@ def _candidates(log_probs: torch.Tensor, top_k, top_p, consistent, eos_id,
     if not normalised:                                               # callers may pass scaled logits
         log_probs = log_probs.log_softmax(-1)
     if top_k is not None:
-        check_positive_int(top_k, "top_k")
-        values, index = log_probs.topk(min(top_k, V), dim=-1)        # exactly k, sorted
+        k = min(check_positive_int(top_k, "top_k"), V)
+        values, index = log_probs.topk(min(k + 1, V), dim=-1)        # sorted; one more shows a tie at the k-th
+        if bool((values[:, 1:] == values[:, :-1]).any()):             # a tie: order it by token id (rare, slower)
+            values, index = log_probs.sort(dim=-1, descending=True, stable=True)
+        values, index = values[:, :k], index[:, :k]                  # exactly k
     else:
-        values, index = log_probs.sort(dim=-1, descending=True)
+        values, index = log_probs.sort(dim=-1, descending=True, stable=True)   # ties by token id
     if top_p is not None:
         if not isinstance(top_p, (int, float)) or isinstance(top_p, bool):
             raise TypeError(f"top_p must be a number, got {type(top_p).__name__}")
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        probs = values.exp()
-        mass_before = probs.cumsum(-1) - probs                       # mass of the strictly more probable tokens
+        probs = values.exp() if top_k is None else values.softmax(-1)   # after top-k: its renormalised distribution
+        mass_before = probs.cumsum(-1) - probs                       # mass of the tokens before it in the order
         values = values.masked_fill(mass_before >= top_p, float("-inf"))
     if consistent:
         if not isinstance(eos_id, int) or not 0 <= eos_id < V:
@@ -164,8 +167,10 @@ def filter_log_probs(log_probs: torch.Tensor, *, top_k: int | None = None, top_p
                      consistent: bool = False, eos_id: int | None = None) -> torch.Tensor:
     """Restrict next-token log-probs `[B, V]` to a candidate set and renormalise; others become -inf.
 
-    top-k keeps the k most probable tokens (exactly k); nucleus keeps the smallest most-probable prefix whose mass
-    is >= top_p; both together keep the intersection. `consistent=True` always adds `eos_id` to the set.
+    Tokens are ordered by probability, ties by token id (lower first). top-k keeps the first k of that order
+    (exactly k); nucleus keeps its shortest prefix whose mass is >= top_p; both together take the nucleus of the
+    renormalised top-k distribution (top-k, then top-p, as Hugging Face's warpers). `consistent=True` always adds
+    `eos_id` to the set.
     Defined in: *Seq2seq that won't stop*, section "Filtering the distribution: top-k, nucleus, and their consistent variants"."""
     values, index = _candidates(log_probs, top_k, top_p, consistent, eos_id)
     n = values.shape[-1] - int(consistent)                            # the last column of a consistent set is eos

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from simbook.attention.masks import causal_mask, unilm_mask
-from simbook.decoding import (DecodingOutput, StepDecoder, beam_search, filter_log_probs, greedy,
+from simbook.decoding import (DecodingOutput, StepDecoder, _candidates, beam_search, filter_log_probs, greedy,
                               non_termination_ratio, repetition_stats, sample, self_terminating_log_probs, stream)
 from simbook.models.bert import BertLM
 from simbook.models.transformer import TransformerConfig
@@ -343,18 +343,20 @@ def _distributions(draw):
 
 
 def _order(row):
-    """Brute-force descending order (ties by index; the masses of its prefixes do not depend on that choice)."""
+    """Brute-force descending order, ties by token id (simbook's rule)."""
     return sorted(range(len(row)), key=lambda i: (-row[i], i))
 
 
-def _nucleus_prefix(row, p):
-    """The smallest most-probable prefix (in `_order`) whose mass is >= p: its length and the masses before each."""
-    probs = [math.exp(x) for x in row]
-    order, before = _order(row), []
-    mass = 0.0
-    for i in order:
+def _nucleus_prefix(row, p, k=None):
+    """The smallest prefix of `_order` (cut to its first k tokens and renormalised when k is given) whose mass is
+    >= p: its length and the masses before each of its tokens."""
+    order = _order(row)[:k]
+    probs = [math.exp(row[i]) for i in order]
+    total = sum(probs)
+    before, mass = [], 0.0
+    for q in probs:
         before.append(mass)
-        mass += probs[i]
+        mass += q / total
     return sum(m < p for m in before), before
 
 
@@ -385,7 +387,8 @@ def test_top_k_keeps_exactly_k(log_probs, k):
     for out_row, row in zip(out, log_probs):
         kept = _support(out_row)
         assert len(kept) == min(k, len(row))
-        _assert_most_probable(kept, row)                          # ties may go either way
+        _assert_most_probable(kept, row)
+        assert kept == set(_order(row.tolist())[:k])              # ties by token id
 
 
 @PROPERTY
@@ -404,24 +407,22 @@ def test_nucleus_keeps_the_smallest_prefix_with_mass_p(log_probs, p):
         smallest = min(float(probs[i]) for i in kept)
         assert mass - smallest < p                                # one token fewer would not reach p
         assert len(kept) == n
+        assert kept == set(_order(row.tolist())[:n])              # ties by token id
 
 
 @PROPERTY
 @given(_distributions(), st.integers(1, 30), st.floats(0.01, 1.0))
-def test_top_k_and_nucleus_together_keep_the_intersection(log_probs, k, p):
+def test_top_k_then_nucleus_keeps_the_nucleus_of_the_renormalised_top_k(log_probs, k, p):
     for row in log_probs.tolist():
-        assume(all(abs(m - p) > 1e-9 for m in _nucleus_prefix(row, p)[1]))
+        assume(all(abs(m - p) > 1e-9 for m in _nucleus_prefix(row, p, k)[1]))
     both = filter_log_probs(log_probs, top_k=k, top_p=p)
     _assert_normalised_on_support(both, log_probs)
     for both_row, row in zip(both, log_probs):
-        n, _ = _nucleus_prefix(row.tolist(), p)
+        n, _ = _nucleus_prefix(row.tolist(), p, k)
         kept = _support(both_row)
-        # both are prefixes of one most-probable-first order, so the intersection is the shorter prefix
-        assert len(kept) == min(k, n)
-        _assert_most_probable(kept, row)
-        if len(set(row.tolist())) == len(row):                    # without ties the sets are unique
-            order = _order(row.tolist())
-            assert kept == set(order[:k]) & set(order[:n])
+        assert kept == set(_order(row.tolist())[:n])
+        # a subset of the intersection of the two filters applied separately
+        assert kept <= _support(filter_log_probs(row[None], top_k=k)[0]) & _support(filter_log_probs(row[None], top_p=p)[0])
 
 
 @PROPERTY
@@ -450,6 +451,121 @@ def test_filters_leave_the_distribution_alone_when_nothing_is_cut():
     assert (filter_log_probs(log_probs, top_k=1).argmax(-1) == log_probs.argmax(-1)).all()
     # a tiny nucleus keeps only the most probable token
     assert filter_log_probs(log_probs, top_p=1e-6).isfinite().sum(-1).tolist() == [1, 1, 1]
+
+
+# --------------------------------------------- the filters at exact ties and boundaries, against transformers
+
+def _hf_kept(logits: torch.Tensor, top_k=None, top_p=None) -> list[set[int]]:
+    """The tokens Hugging Face's warpers keep (top-k first, then top-p, as `generate` orders them)."""
+    logits_process = pytest.importorskip("transformers.generation.logits_process")
+    scores = logits.clone()
+    if top_k is not None:
+        scores = logits_process.TopKLogitsWarper(top_k)(None, scores)
+    if top_p is not None:
+        scores = logits_process.TopPLogitsWarper(top_p)(None, scores)
+    return [_support(row) for row in scores]
+
+
+def _kept(logits: torch.Tensor, top_k=None, top_p=None) -> list[set[int]]:
+    """simbook's kept sets, by `filter_log_probs` and by the candidates `sample` draws from; they must agree."""
+    filtered = [_support(row) for row in filter_log_probs(logits, top_k=top_k, top_p=top_p)]
+    values, index = _candidates(logits, top_k, top_p, False, None)
+    drawn = [set(i[torch.isfinite(v)].tolist()) for v, i in zip(values, index)]
+    assert filtered == drawn
+    return filtered
+
+
+@pytest.mark.parametrize("V", [2, 4, 8, 64])
+def test_nucleus_at_the_exact_boundary_keeps_the_token_that_reaches_p(V):
+    """V equal logits: every probability is 1/V and every prefix mass j/V is exact in binary for these V. A nucleus
+    of p = j/V is reached by the j-th token, so exactly j tokens are kept (a `>` in place of `>=` would keep j + 1),
+    the j lowest ids; Hugging Face keeps j tokens too (which of the tied tokens is its sort's choice)."""
+    logits = torch.zeros(1, V)
+    for j in range(1, V):
+        ours, theirs = _kept(logits, top_p=j / V)[0], _hf_kept(logits, top_p=j / V)[0]
+        assert ours == set(range(j)) and len(theirs) == j, (j, ours, theirs)
+        # just above the boundary the next token is needed
+        assert _kept(logits, top_p=j / V + 1e-3)[0] == set(range(j + 1)) and len(_hf_kept(logits, top_p=j / V + 1e-3)[0]) == j + 1
+
+
+def test_half_and_half_with_nucleus_one_half_keeps_one_token():
+    ours, theirs = _kept(torch.zeros(1, 2), top_p=0.5)[0], _hf_kept(torch.zeros(1, 2), top_p=0.5)[0]
+    assert ours == {0} and len(theirs) == 1
+
+
+TOP_K_TIES = [  # logits, k, simbook's set, Hugging Face's set
+    ([2.0, 1.0, 1.0, 0.0], 2, {0, 1}, {0, 1, 2}),          # a tie at the k-th probability: HF keeps both tied tokens
+    ([2.0, 1.0, 1.0, 0.0], 3, {0, 1, 2}, {0, 1, 2}),       # the k-th and the next differ: both keep k
+    ([2.0, 1.0, 1.0, 0.0], 1, {0}, {0}),
+    ([0.0, 0.0, 0.0, 0.0], 2, {0, 1}, {0, 1, 2, 3}),
+    ([0.0, 3.0, 0.0, 3.0, 0.0], 1, {1}, {1, 3}),           # top-1 = greedy: argmax's lowest id
+    ([0.0, 3.0, 0.0, 3.0, 0.0], 2, {1, 3}, {1, 3}),
+    ([0.0, 3.0, 0.0, 3.0, 0.0], 3, {0, 1, 3}, {0, 1, 2, 3, 4}),
+]
+
+
+@pytest.mark.parametrize("logits, k, ours, theirs", TOP_K_TIES)
+def test_top_k_ties_keep_exactly_k_by_token_id(logits, k, ours, theirs):
+    logits = torch.tensor([logits])
+    assert _kept(logits, top_k=k)[0] == ours
+    assert _hf_kept(logits, top_k=k)[0] == theirs
+    if k == 1:
+        assert ours == {int(logits.argmax())}
+
+
+def test_ties_are_broken_by_token_id_in_long_rows():
+    """torch's unstable sort and topk order tied values arbitrarily in long rows; the filters must not."""
+    logits = torch.zeros(3, 64)
+    logits[1, :32] = float("-inf")            # row 1: tokens 32..63, probability 1/32 each (exact masses)
+    assert _kept(logits, top_k=7) == [set(range(7)), set(range(32, 39)), set(range(7))]
+    assert _kept(logits, top_p=0.25) == [set(range(16)), set(range(32, 40)), set(range(16))]
+
+
+def test_top_k_then_nucleus_takes_the_renormalised_top_k_distribution():
+    """Logits 1, 1, 1, 1, 0, 0, 0, 0, top-k 4 then nucleus 0.5: in the renormalised top-4 each token has 1/4, so two
+    reach 0.5 (as Hugging Face's warpers do); a nucleus of the whole row (0.18 each) would keep three."""
+    logits = torch.tensor([[1.0] * 4 + [0.0] * 4])
+    assert _kept(logits, top_p=0.5)[0] == {0, 1, 2}
+    assert _kept(logits, top_k=4, top_p=0.5)[0] == {0, 1}
+    assert len(_hf_kept(logits, top_k=4, top_p=0.5)[0]) == 2
+
+
+def test_sample_draws_only_the_kept_tied_tokens():
+    cases = [([0.25] * 4, dict(top_k=2), {0, 1}), ([0.25] * 4, dict(top_p=0.5), {0, 1}),
+             ([0.5, 0.5], dict(top_p=0.5), {0}), ([0.4, 0.2, 0.2, 0.2], dict(top_k=2), {0, 1})]
+    for probs, options, expected in cases:
+        out = sample(FixedDecoder(probs), torch.zeros(400, 1, dtype=torch.long), max_new_tokens=1,
+                     generator=torch.Generator().manual_seed(0), **options)
+        assert set(out.tokens[:, 0].tolist()) == expected, (probs, options)
+
+
+@PROPERTY
+@given(_distributions(), st.one_of(st.none(), st.integers(1, 30)), st.one_of(st.none(), st.floats(0.01, 1.0)),
+       st.sampled_from([1.0, 0.5, 3.0]))
+def test_kept_sets_against_transformers_warpers(log_probs, k, p, scale):
+    """simbook's kept set against Hugging Face's TopK/TopP warpers on the same logits (many of them tied). Both
+    order by probability; they differ only at ties: simbook keeps exactly k at a tie at the k-th probability
+    (Hugging Face keeps every tied token) and picks tied tokens by id (Hugging Face by its sort's order)."""
+    assume(k is not None or p is not None)
+    logits = log_probs * scale                                # unnormalised logits: a temperature of 1 / scale
+    rows = logits.log_softmax(-1).tolist()
+    if p is not None:                                         # no prefix mass within rounding of p
+        for row in rows:
+            assume(all(abs(m - p) > 1e-9 for m in _nucleus_prefix(row, p, k)[1]))
+    ours, theirs = _kept(logits, top_k=k, top_p=p), _hf_kept(logits, top_k=k, top_p=p)
+    for row, S, H in zip(rows, ours, theirs):
+        order = _order(row)
+        kept_probs = lambda s: sorted((row[i] for i in s), reverse=True)
+        tie_at_k = k is not None and k < len(row) and row[order[k - 1]] == row[order[k]]
+        assert S == set(order[:len(S)])                       # a prefix of the order, ties by id
+        assert kept_probs(S) == kept_probs(H)[:len(S)]        # the same probabilities, Hugging Face's maybe more
+        if not tie_at_k:
+            assert len(S) == len(H)                           # same size: equal as multisets of probabilities
+            smallest, dropped = min(row[i] for i in S), [row[i] for i in set(range(len(row))) - S]
+            if smallest not in dropped:                       # no tie across the cut: the very same tokens
+                assert S == H
+        elif p is None:                                       # top-k alone: HF keeps every tie of the k-th
+            assert len(S) == k and H == {i for i in range(len(row)) if row[i] >= row[order[k - 1]]}
 
 
 # ---------------------------------------------------------------- sampling: a chi-square goodness-of-fit test
