@@ -3,26 +3,170 @@
 # %% ../nbs/06a_search.ipynb #c003
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
 from .simbert import SimBert
-from .utils import check_positive_int, check_tensor
+from .utils import atomic_write, check_positive_int, check_tensor, save_tensors, write_json
 
 # %% auto #0
-__all__ = ['SentenceIndex']
+__all__ = ['BACKENDS', 'build_faiss_index', 'VectorIndex', 'model_fingerprint', 'SentenceIndex']
+
+# %% ../nbs/06a_search.ipynb #c011
+BACKENDS = ("exact", "faiss", "faiss-ivf", "faiss-hnsw")
+
+
+def _import_faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("the FAISS backends need the faiss-cpu package: pip install 'simbook[search]' (or "
+                          "pip install faiss-cpu), or use backend='exact'") from e
+    return faiss
+
+
+def build_faiss_index(vectors: torch.Tensor, kind: str = "flat", *, nlist: int | None = None, nprobe: int = 16,
+                      m: int = 32, ef_construction: int = 80, ef_search: int = 64, seed: int = 0):
+    """A FAISS inner-product index over unit vectors `[N, C]` (float32 copies on the CPU). `kind`:
+
+    * "flat": `IndexFlatIP`, exact;
+    * "ivf": `IndexIVFFlat`, k-means into `nlist` cells (default about 4 sqrt(N)), trained on up to 64 vectors per
+      cell; a query scans the `nprobe` cells nearest to it;
+    * "hnsw": `IndexHNSWFlat`, a graph of `m` links per node built with beam `ef_construction`, searched with beam
+      `ef_search`.
+
+    Larger `nprobe` / `ef_search` trade speed for recall. Needs `faiss-cpu` (`pip install 'simbook[search]'`);
+    raises ImportError without it.
+
+    Defined in: *Searching with sentence vectors*, section "Backends: exact and FAISS"."""
+    check_tensor(vectors, "vectors", shape=(None, None), dtype="float", finite=True)
+    if kind not in ("flat", "ivf", "hnsw"):
+        raise ValueError(f"unknown FAISS index kind {kind!r}: use 'flat', 'ivf' or 'hnsw'")
+    for value, name in ((nprobe, "nprobe"), (m, "m"), (ef_construction, "ef_construction"), (ef_search, "ef_search")):
+        check_positive_int(value, name)
+    faiss = _import_faiss()
+    x = vectors.detach().to("cpu", torch.float32).contiguous().numpy()
+    n, dim = x.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = ef_construction, ef_search
+    else:
+        default = max(1, min(round(4 * math.sqrt(n)), n // 39))             # FAISS wants >= 39 points per cell
+        nlist = default if nlist is None else check_positive_int(nlist, "nlist")
+        if nlist > n:
+            raise ValueError(f"nlist={nlist} cells need at least as many vectors, got {n}")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:64 * nlist].sort().values
+        index.cp.seed = seed
+        index.train(x[sample.numpy()])
+        index.nprobe = min(nprobe, nlist)
+    index.add(x)
+    return index
+
+# %% ../nbs/06a_search.ipynb #c012
+def _faiss_kind(backend: str) -> str:
+    return {"faiss": "flat", "faiss-ivf": "ivf", "faiss-hnsw": "hnsw"}[backend]
+
+
+class VectorIndex:
+    """Top-k search by inner product over unit vectors `[N, C]` (cosine), kept as one float32 matrix. `backend`:
+    "exact" (blocked matrix products and a running top-k, in torch, on the vectors' device), "faiss" (FAISS
+    `IndexFlatIP`, also exact), "faiss-ivf" or "faiss-hnsw" (approximate); `options` go to `build_faiss_index`.
+
+    Defined in: *Searching with sentence vectors*, section "Backends: exact and FAISS"."""
+
+    def __init__(self, vectors: torch.Tensor, *, backend: str = "exact", **options):
+        check_tensor(vectors, "vectors", shape=(None, None), dtype="float", finite=True)
+        if not len(vectors):
+            raise ValueError("vectors is empty")
+        self.vectors = vectors.float().contiguous()
+        self.set_backend(backend, **options)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def set_backend(self, backend: str, **options) -> "VectorIndex":
+        """Search with `backend` from now on (a FAISS index is built here, from the vectors). Returns self."""
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+        if backend == "exact" and options:
+            raise TypeError(f"the exact backend takes no options, got {sorted(options)}")
+        self._faiss = None if backend == "exact" else build_faiss_index(self.vectors, _faiss_kind(backend), **options)
+        self.backend, self.backend_options = backend, dict(options)
+        return self
+
+    def search(self, queries: torch.Tensor, topn: int = 10, *, block: int = 256,
+               corpus_block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unit query vectors `[Q, C]` -> `(scores [Q, topn], indices [Q, topn])`, best first. The exact backend
+        multiplies `block` queries at a time by `corpus_block` rows of the index (default: as many rows as keep the
+        score matrix under 2^26 floats, 256 MB) and merges the top-k of the pieces. An approximate backend may find
+        fewer than `topn` neighbours: the missing places hold index -1 and score -inf."""
+        check_tensor(queries, "queries", shape=(None, self.vectors.shape[1]), dtype="float", finite=True)
+        check_positive_int(topn, "topn")
+        check_positive_int(block, "block")
+        topn = min(topn, len(self))
+        if self._faiss is not None:
+            scores, indices = self._faiss.search(queries.detach().to("cpu", torch.float32).contiguous().numpy(), topn)
+            scores, indices = torch.from_numpy(scores), torch.from_numpy(indices)
+            return scores.masked_fill(indices < 0, float("-inf")), indices
+        queries = queries.to(self.vectors.device, torch.float32)
+        scores, indices = [], []
+        for chunk in queries.split(block):
+            rows = corpus_block or max(topn, 2 ** 26 // len(chunk))
+            check_positive_int(rows, "corpus_block")
+            best_s = best_i = None
+            for start in range(0, len(self), rows):
+                s, i = (chunk @ self.vectors[start:start + rows].T).topk(min(topn, len(self) - start), dim=1)
+                i += start
+                if best_s is not None:                      # merge with the best so far
+                    s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                    s, j = s.topk(topn, dim=1)
+                    i = i.gather(1, j)
+                best_s, best_i = s, i
+            scores.append(best_s)
+            indices.append(best_i)
+        return torch.cat(scores), torch.cat(indices)
 
 # %% ../nbs/06a_search.ipynb #c005
-class SentenceIndex:
-    """Brute-force cosine search over unit sentence vectors: `most_similar(text, topn)` is one matrix product and
-    a top-k. Vectors are kept as one float32 matrix `[N, C]`.
+def model_fingerprint(model: SimBert) -> str:
+    """16 hex digits of a SHA-256 over what decides a sentence vector: the model's configuration (which holds the
+    vocabulary's own fingerprint, `SimBertConfig.vocab_fingerprint`) and every weight, by name, as float32 on the
+    CPU. Two models share it when they hold the same weights, whatever their device; the two shipped SimBERTs share
+    a vocabulary but not a fingerprint.
+
+    Defined in: *Searching with sentence vectors*, section "A persistent index"."""
+    if not isinstance(model, SimBert):
+        raise TypeError(f"model must be a SimBert, got {type(model).__name__}")
+    digest = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True).encode("utf-8"))
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name} {tuple(tensor.shape)}".encode("utf-8"))
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+# %% ../nbs/06a_search.ipynb #c015
+_FORMAT, _VERSION, _METRIC = "simbook-sentence-index", 1, "cosine"
+_META, _VECTORS, _TEXTS, _FAISS = "index.json", "vectors.safetensors", "texts.jsonl", "faiss.index"
 
 
-    Defined in: *Searching with sentence vectors*."""
+class SentenceIndex(VectorIndex):
+    """Sentences and their unit vectors from one SimBERT: `most_similar(text, topn)` encodes the query and searches
+    (see `VectorIndex` for the backends). `save(directory)` writes the vectors (safetensors, float32 or float16),
+    the texts (JSON lines), the model's fingerprint and the metric; `SentenceIndex.load(directory, model)` reads
+    them back without encoding anything, and refuses a model whose fingerprint differs.
+
+    Defined in: *Searching with sentence vectors*, section "A persistent index"."""
 
     def __init__(self, model: SimBert, texts: Sequence[str], *, batch_size: int = 512, progress: bool = False,
-                 vectors: torch.Tensor | None = None):
+                 vectors: torch.Tensor | None = None, backend: str = "exact", **options):
         if isinstance(texts, str) or not len(texts):
             raise ValueError("texts must be a non-empty list of sentences")
         self.model, self.texts = model, list(texts)
@@ -30,22 +174,7 @@ class SentenceIndex:
             vectors = model.encode(self.texts, batch_size=batch_size, progress=progress)
         check_tensor(vectors, "vectors", shape=(len(self.texts), model.config.hidden_size), dtype="float",
                      finite=True)
-        self.vectors = vectors.float().contiguous()
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def search(self, queries: torch.Tensor, topn: int = 10, *, block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit query vectors `[Q, C]` -> `(scores [Q, topn], indices [Q, topn])`, best first."""
-        check_tensor(queries, "queries", shape=(None, self.vectors.shape[1]), dtype="float", finite=True)
-        check_positive_int(topn, "topn")
-        topn = min(topn, len(self))
-        scores, indices = [], []
-        for chunk in queries.float().split(block):                 # bounds the [block, N] score matrix
-            s, i = (chunk @ self.vectors.T).topk(topn, dim=1)
-            scores.append(s)
-            indices.append(i)
-        return torch.cat(scores), torch.cat(indices)
+        super().__init__(vectors, backend=backend, **options)
 
     def most_similar(self, text: str | Sequence[str], topn: int = 10) -> list[tuple[str, float]] | list[list]:
         """The `topn` indexed sentences closest to `text` as `(sentence, cosine)`, best first; a list of texts
@@ -53,6 +182,76 @@ class SentenceIndex:
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         scores, indices = self.search(self.model.encode(texts), topn)
-        results = [[(self.texts[j], round(float(s), 6)) for s, j in zip(row_s, row_i)]
+        results = [[(self.texts[j], round(float(s), 6)) for s, j in zip(row_s, row_i) if j >= 0]
                    for row_s, row_i in zip(scores.tolist(), indices.tolist())]
         return results[0] if single else results
+
+    def save(self, directory: str | os.PathLike, *, dtype: str = "float32", model_name: str | None = None) -> Path:
+        """Write the index into `directory` (created if missing): `vectors.safetensors` (`dtype` "float32" or
+        "float16", half the size; cosines then differ by about 1e-3), `texts.jsonl`, `index.json` (format, metric,
+        sizes, model fingerprint, `model_name`: where the model came from, for the reader) and, with a FAISS
+        backend, `faiss.index` (FAISS's own format). `index.json` is written last. Returns the folder."""
+        if dtype not in ("float32", "float16"):
+            raise ValueError(f"dtype must be 'float32' or 'float16', got {dtype!r}")
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise ValueError(f"{directory} is a file, not a folder")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / _META).unlink(missing_ok=True)                     # incomplete until the end
+        save_tensors(directory / _VECTORS, {"vectors": self.vectors.to("cpu", getattr(torch, dtype))})
+        lines = "".join(json.dumps(t, ensure_ascii=False) + "\n" for t in self.texts)
+        atomic_write(directory / _TEXTS, lambda tmp: Path(tmp).write_text(lines, encoding="utf-8"))
+        (directory / _FAISS).unlink(missing_ok=True)
+        if self._faiss is not None:
+            atomic_write(directory / _FAISS, lambda tmp: _import_faiss().write_index(self._faiss, tmp))
+        write_json(directory / _META, {
+            "format": _FORMAT, "version": _VERSION, "metric": _METRIC, "count": len(self), "dim": self.vectors.shape[1],
+            "dtype": dtype, "model_fingerprint": model_fingerprint(self.model), "model_name": model_name,
+            "vocab_fingerprint": self.model.config.vocab_fingerprint, "backend": self.backend,
+            "backend_options": self.backend_options})
+        return directory
+
+    @staticmethod
+    def info(directory: str | os.PathLike) -> dict:
+        """The `index.json` of a saved index, checked (format, version, metric)."""
+        path = Path(directory) / _META
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved sentence index (no {_META}; build one with "
+                                    f"SentenceIndex.save or `simbook simbert index`)")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+            raise ValueError(f"{path}: not a version-{_VERSION} {_FORMAT} (format {meta.get('format')!r}, "
+                             f"version {meta.get('version')!r})")
+        if meta.get("metric") != _METRIC:
+            raise ValueError(f"{path}: metric {meta.get('metric')!r}; this version searches by {_METRIC}")
+        return meta
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model: SimBert, *, backend: str | None = None,
+             **options) -> "SentenceIndex":
+        """Read an index written by `save`. `model` must be the one that built it (same fingerprint), else
+        ValueError. `backend=None` searches as the saved index did (reading `faiss.index` when there is one);
+        another backend (with its `options`) is built from the vectors."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = cls.info(directory)
+        fingerprint = model_fingerprint(model)
+        if meta["model_fingerprint"] != fingerprint:
+            raise ValueError(f"{directory} was built by another model (fingerprint {meta['model_fingerprint']}, "
+                             f"{meta.get('model_name') or 'unnamed'}), this model's fingerprint is {fingerprint}: "
+                             f"search it with the model that built it, or build a new index with this one")
+        vectors = load_file(str(directory / _VECTORS))["vectors"].float()
+        with open(directory / _TEXTS, encoding="utf-8") as f:
+            texts = [json.loads(line) for line in f]
+        if vectors.shape != (meta["count"], meta["dim"]) or len(texts) != meta["count"]:
+            raise ValueError(f"{directory}: {len(texts)} texts and vectors of shape {tuple(vectors.shape)}, "
+                             f"index.json says {meta['count']} x {meta['dim']}")
+        saved = backend is None or (backend == meta["backend"] and options == meta["backend_options"])
+        index = cls(model, texts, vectors=vectors)                      # exact until the backend is set
+        if saved and meta["backend"] != "exact":
+            index._faiss = _import_faiss().read_index(str(directory / _FAISS))
+            index.backend, index.backend_options = meta["backend"], dict(meta["backend_options"])
+        elif not saved:
+            index.set_backend(backend, **options)
+        return index

@@ -999,21 +999,72 @@ def _run_paraphrase(args) -> int:
     return 0
 
 
-def _run_search(args) -> int:
-    torch.set_num_threads(args.threads)
-    model = _shipped_or(args.checkpoint)
-    if args.corpus:
-        sentences = list(dict.fromkeys(read_lines(args.corpus)))
+def _checkpoint_name(checkpoint: str | None) -> str:
+    # what `index` records as the model: "shipped", "hard", or the folder's absolute path
+    return "shipped" if checkpoint is None else checkpoint if checkpoint == "hard" else str(Path(checkpoint).resolve())
+
+
+def _corpus_sentences(path: str | None, limit: int | None) -> list[str]:
+    if path:
+        sentences = list(dict.fromkeys(read_lines(path)))
     else:
         corpus = build_paraphrase_corpus()
         sentences = list(dict.fromkeys(corpus["sentences"] + [s for r in corpus["train"] + corpus["test"]
                                                               for s in r["synonyms"]]))
-    if args.limit:
-        sentences = sentences[:args.limit]
+    return sentences[:limit] if limit else sentences
+
+
+def _backend_options(args) -> dict:
+    names = {"faiss-ivf": ("nlist", "nprobe"), "faiss-hnsw": ("m", "ef_construction", "ef_search")}
+    return {n: getattr(args, n) for n in names.get(args.backend, ()) if getattr(args, n) is not None}
+
+
+def _one_line_import_errors(run):
+    # a missing optional package (faiss-cpu) ends like other bad input: one line, exit status 2
+    def wrapped(args) -> int:
+        try:
+            return run(args)
+        except ImportError as e:
+            raise ValueError(str(e)) from e
+    return wrapped
+
+
+def _run_index(args) -> int:
+    torch.set_num_threads(args.threads)
+    model = _shipped_or(args.checkpoint)
+    sentences = _corpus_sentences(args.corpus, args.limit)
     start = time.perf_counter()
-    index = SentenceIndex(model, sentences, batch_size=args.batch_size, progress=not args.no_progress)
+    index = SentenceIndex(model, sentences, batch_size=args.batch_size, progress=not args.no_progress,
+                          backend=args.backend, **_backend_options(args))
     seconds = time.perf_counter() - start
-    print(f"indexed {len(index):,} sentences in {seconds:.1f} s ({len(index) / seconds:,.0f} sentences/s)")
+    folder = index.save(args.save, dtype=args.dtype, model_name=_checkpoint_name(args.checkpoint))
+    size = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
+    print(f"indexed {len(index):,} sentences in {seconds:.1f} s ({len(index) / seconds:,.0f} sentences/s); "
+          f"saved to {folder} ({size:.1f} MB, vectors {args.dtype}, backend {index.backend})")
+    return 0
+
+
+def _run_search(args) -> int:
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    if args.index:
+        if args.corpus or args.limit:
+            raise ValueError("--corpus and --limit choose what `simbook simbert index` encodes; with --index the "
+                             "sentences are the index's")
+        saved = SentenceIndex.info(args.index)["model_name"]
+        checkpoint = args.checkpoint if args.checkpoint is not None else None if saved == "shipped" else saved
+        index = SentenceIndex.load(args.index, _shipped_or(checkpoint), backend=args.backend,
+                                   **(_backend_options(args) if args.backend else {}))
+        print(f"loaded {len(index):,} sentences from {args.index} in {time.perf_counter() - start:.2f} s "
+              f"(backend {index.backend})")
+    else:
+        model = _shipped_or(args.checkpoint)
+        index = SentenceIndex(model, _corpus_sentences(args.corpus, args.limit), batch_size=args.batch_size,
+                              progress=not args.no_progress, backend=args.backend or "exact",
+                              **_backend_options(args))
+        seconds = time.perf_counter() - start
+        print(f"indexed {len(index):,} sentences in {seconds:.1f} s ({len(index) / seconds:,.0f} sentences/s); "
+              f"`simbook simbert index --save DIR` once, then `search --index DIR`, skips this")
     for query in args.query:
         start = time.perf_counter()
         hits = index.most_similar(query, args.topn)
@@ -1024,11 +1075,13 @@ def _run_search(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add `simbook simbert pretrain | train | paraphrase | search`.
+    """Add `simbook simbert pretrain | train | paraphrase | index | search`.
 
 
     Defined in: *SimBERT, the experiments*, section "The `simbook simbert` command"."""
-    p = subparsers.add_parser("simbert", help="SimBERT: pre-train, train, generate paraphrases, search",
+    from simbook.search import BACKENDS
+
+    p = subparsers.add_parser("simbert", help="SimBERT: pre-train, train, generate paraphrases, index and search",
                               description="SimBERT (kexue.fm/archives/7427): one BERT trained to generate a "
                                           "paraphrase and to retrieve it. Checkpoints are safetensors folders "
                                           "with config.json and the vocabulary beside them.")
@@ -1074,16 +1127,47 @@ def register_cli(subparsers) -> None:
     common(q)
     q.set_defaults(run=_run_paraphrase)
 
-    q = sub.add_parser("search", help="most similar sentences in an index",
-                       description="Encode a corpus into unit vectors and print the sentences closest to each "
-                                   "query (brute-force cosine: one matrix product and a top-k).")
+    def corpus(q):
+        q.add_argument("--corpus", default=None, help="UTF-8 file, one sentence per line (default: the 44,055 "
+                                                      "shipped sentences and their generated paraphrases)")
+        q.add_argument("--limit", type=int, default=None, help="index only the first N sentences")
+        q.add_argument("--batch-size", type=int, default=512, help="sentences per encoding batch (default: 512)")
+        q.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+
+    def backend(q, default, default_text):
+        q.add_argument("--backend", choices=BACKENDS, default=default,
+                       help="exact: blocked matrix products in torch; faiss: FAISS IndexFlatIP (exact); faiss-ivf, "
+                            "faiss-hnsw: approximate (FAISS needs pip install 'simbook[search]') (default: "
+                            f"{default_text})")
+        q.add_argument("--nlist", type=int, default=None, help="faiss-ivf: k-means cells (default: 4 sqrt(N))")
+        q.add_argument("--nprobe", type=int, default=None, help="faiss-ivf: cells scanned per query (default: 16)")
+        q.add_argument("--m", type=int, default=None, help="faiss-hnsw: links per node (default: 32)")
+        q.add_argument("--ef-construction", type=int, default=None, help="faiss-hnsw: build beam (default: 80)")
+        q.add_argument("--ef-search", type=int, default=None, help="faiss-hnsw: search beam (default: 64)")
+
+    q = sub.add_parser("index", help="encode a corpus once and save it as a sentence index",
+                       description="Encode one sentence per line with a SimBERT and save the unit vectors "
+                                   "(safetensors), the sentences (JSON lines) and the model's fingerprint in a "
+                                   "folder, for `simbook simbert search --index`.")
+    checkpoint(q)
+    corpus(q)
+    q.add_argument("--save", required=True, help="the index folder (created; an index already there is replaced)")
+    q.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the vectors; float16 halves the folder (default: float32)")
+    backend(q, "exact", "exact")
+    common(q)
+    q.set_defaults(run=_one_line_import_errors(_run_index))
+
+    q = sub.add_parser("search", help="most similar sentences, from a saved index or a corpus encoded now",
+                       description="Print the sentences closest to each query by cosine. With --index, the "
+                                   "saved index answers and only the queries are encoded (the model that built it "
+                                   "is used unless --checkpoint names another, which is then refused); without, "
+                                   "the corpus is encoded first.")
     checkpoint(q)
     q.add_argument("query", nargs="+", help="one or more sentences")
-    q.add_argument("--corpus", default=None, help="UTF-8 file, one sentence per line (default: the shipped "
-                                                  "sentences and their generated paraphrases)")
+    q.add_argument("--index", default=None, help="a folder written by `simbook simbert index`")
+    corpus(q)
     q.add_argument("--topn", type=int, default=10, help="results per query (default: 10)")
-    q.add_argument("--limit", type=int, default=None, help="index only the first N sentences")
-    q.add_argument("--batch-size", type=int, default=512, help="sentences per encoding batch (default: 512)")
-    q.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    backend(q, None, "the index's backend with --index, else exact")
     common(q)
-    q.set_defaults(run=_run_search)
+    q.set_defaults(run=_one_line_import_errors(_run_search))
