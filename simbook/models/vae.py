@@ -17,7 +17,8 @@ from ..utils import Pretrained, check_positive_int, check_tensor
 __all__ = ['MMD_SCALES', 'IMAGE_SIDE', 'IMAGE_DIM', 'LOGVAR_RANGE', 'REGULARISERS', 'mmd', 'gaussian_fit_kl', 'check_pixels',
            'pixels_to_unit', 'reparameterize', 'kl_to_standard_normal', 'naive_regulariser', 'VAEConfig', 'VAEOutput',
            'VAE', 'reconstruction_error', 'vae_loss', 'elbo', 'encode_all', 'kl_per_dimension', 'active_units',
-           'aggregate_posterior_samples']
+           'aggregate_posterior_samples', 'line_codes', 'axis_codes', 'path_speeds', 'path_smoothness',
+           'path_nonlinearity']
 
 # %% ../../nbs/14_vae.ipynb #c005
 MMD_SCALES = (0.05, 0.2, 1.0, 5.0)
@@ -371,3 +372,82 @@ def aggregate_posterior_samples(mu: torch.Tensor, logvar: torch.Tensor | None, n
     if logvar is None:
         return mu[pick]
     return reparameterize(mu[pick], logvar[pick], generator)
+
+# %% ../../nbs/14_vae.ipynb #c030
+def line_codes(start: torch.Tensor, end: torch.Tensor, steps: int) -> torch.Tensor:
+    """Codes `[P, steps, d]` on the segments from `start[p]` to `end[p]` (`[P, d]` each), `steps` equally spaced
+    points with both ends included. Defined in: *A geometric view of the VAE*, section "Smooth and straight: the
+    decoder along a path"."""
+    dims = {}
+    check_tensor(start, "start", shape=("P", "d"), dtype="float", finite=True, dims=dims)
+    check_tensor(end, "end", shape=("P", "d"), dtype="float", finite=True, dims=dims)
+    check_positive_int(steps, "steps", minimum=2)
+    t = torch.linspace(0, 1, steps, dtype=start.dtype, device=start.device)[None, :, None]
+    return (1 - t) * start[:, None] + t * end[:, None]
+
+
+def axis_codes(base: torch.Tensor, axis: int, values: torch.Tensor) -> torch.Tensor:
+    """Axis traversals `[P, T, d]`: copies of each base code `base[p]` (`[P, d]`) with coordinate `axis` set to each of
+    `values` `[T]` in turn, the other coordinates held. Defined in: *A geometric view of the VAE*, section "Smooth and
+    straight: the decoder along a path"."""
+    check_tensor(base, "base", shape=(None, None), dtype="float", finite=True)
+    check_tensor(values, "values", shape=(None,), dtype="float", finite=True)
+    if isinstance(axis, bool) or not isinstance(axis, int):
+        raise TypeError(f"axis must be an int, got {type(axis).__name__}")
+    if not 0 <= axis < base.shape[1]:
+        raise ValueError(f"axis must be in [0, {base.shape[1]}), got {axis}")
+    codes = base[:, None, :].repeat(1, len(values), 1)
+    codes[:, :, axis] = values.to(base.dtype)
+    return codes
+
+# %% ../../nbs/14_vae.ipynb #c032
+def _check_paths(codes, images, minimum: int) -> None:
+    dims = {}
+    check_tensor(codes, "codes", shape=("P", "T", None), dtype="float", finite=True, dims=dims)
+    check_tensor(images, "images", shape=("P", "T", None), dtype="float", finite=True, dims=dims)
+    if codes.shape[1] < minimum:
+        raise ValueError(f"a path needs at least {minimum} points, got {codes.shape[1]}")
+
+
+def path_speeds(codes: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Speed of every segment of every path, `[P, T - 1]`: |x_{k+1} - x_k| / |z_{k+1} - z_k|, the decoded-image
+    distance per unit of latent distance, for codes `[P, T, d]` and their decoded images `[P, T, D]` (float64
+    inside). Consecutive codes must differ. Defined in: *A geometric view of the VAE*, section "Smooth and straight:
+    the decoder along a path"."""
+    _check_paths(codes, images, 2)
+    step = codes.double().diff(dim=1).norm(dim=-1)
+    if (step == 0).any():
+        raise ValueError("two consecutive codes of a path coincide: the speed is undefined there")
+    return images.double().diff(dim=1).norm(dim=-1) / step
+
+
+def path_smoothness(codes: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean speed `[P]`, coefficient of variation of the speed `[P]`) of every path: CV = population sd / mean of
+    the segment speeds, 0 for a path whose image changes at a steady rate, sqrt(T - 1) when one of the T - 1
+    segments holds all the change. A path whose image does not change at all is refused.
+    Defined in: *A geometric view of the VAE*, section "Smooth and straight: the decoder along a path"."""
+    speeds = path_speeds(codes, images)
+    mean = speeds.mean(-1)
+    if (mean == 0).any():
+        raise ValueError("a path decodes to the same image everywhere: its speed profile has no scale")
+    return mean, speeds.std(-1, correction=0) / mean
+
+
+def path_nonlinearity(codes: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Nonlinearity of every path `[P]`: the mean over the interior points of |x_k - c_k| / |x_T - x_0|, with the chord
+    point c_k = (1 - t_k) x_0 + t_k x_T and t_k the fraction of the latent arc length covered at point k. 0 for a
+    decoder that is linear along the path. Needs 3 points and distinct end images.
+    Defined in: *A geometric view of the VAE*, section "Smooth and straight: the decoder along a path"."""
+    _check_paths(codes, images, 3)
+    arc = torch.cat([torch.zeros_like(codes[:, :1, 0], dtype=torch.float64),
+                     codes.double().diff(dim=1).norm(dim=-1).cumsum(-1)], dim=1)             # [P, T]
+    if (arc[:, -1] == 0).any():
+        raise ValueError("a path has no latent length")
+    t = (arc / arc[:, -1:])[..., None]
+    x = images.double()
+    first, last = x[:, :1], x[:, -1:]
+    chord = (last - first).norm(dim=-1)[:, 0]
+    if (chord == 0).any():
+        raise ValueError("a path ends on the image it starts from: there is no chord to measure against")
+    deviation = (x - ((1 - t) * first + t * last)).norm(dim=-1)[:, 1:-1]                   # [P, T - 2]
+    return deviation.mean(-1) / chord
