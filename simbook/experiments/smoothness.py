@@ -415,10 +415,11 @@ class ClippingSeedsConfig:
 
     @classmethod
     def small(cls, **changes) -> ClippingSeedsConfig:
-        """The chapter's run: 3 seeds, 120 steps per comparison run (plain at 10 and 30, hard-clipped at 30,
-        soft-clipped at 100), 100-step trajectories probed on 256 windows every 10 steps."""
-        return cls(**{**dict(seeds=(0, 1, 2), compare_steps=120, plain_lrs=(10.0, 30.0), hard_lrs=(30.0,),
-                             soft_lrs=(100.0,), target_loss=5.6, trajectory_steps=100, probe_windows=256),
+        """The chapter's run: 3 seeds, 60 steps per comparison run at the full run's best learning rates (plain 10,
+        hard 10, soft 30), 40-step trajectories probed on 128 windows every 5 steps."""
+        return cls(**{**dict(seeds=(0, 1, 2), compare_steps=60, plain_lrs=(10.0,), hard_lrs=(10.0,), soft_lrs=(30.0,),
+                             target_loss=6.0, target_window=10, trajectory_steps=40, probe_windows=128,
+                             probe_every=5),
                       **changes})
 
     def grid(self) -> list[tuple[str, float]]:
