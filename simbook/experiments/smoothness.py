@@ -10,14 +10,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..optim.clipping import GradientClipper, _check_max_norm, fit_smoothness, global_norm, local_smoothness
+from ..optim.clipping import (GradientClipper, SmoothnessFit, _check_max_norm, fit_smoothness, global_norm,
+                                   local_smoothness)
 from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
                               start_run)
 from ..utils import check_positive_int
 
 # %% auto #0
-__all__ = ['LSTMLanguageModel', 'char_stream', 'windows', 'lm_loss', 'lm_eval_loss', 'smoothness_trajectory', 'train_lm',
-           'SmoothnessConfig', 'smoothness_experiment', 'format_smoothness_report', 'register_cli']
+__all__ = ['CLIPPING_METHODS', 'LSTMLanguageModel', 'char_stream', 'windows', 'lm_loss', 'lm_eval_loss', 'smoothness_trajectory',
+           'train_lm', 'SmoothnessConfig', 'smoothness_experiment', 'format_smoothness_report', 'mean_interval',
+           'steps_to_target', 'correlation_interval', 'ClippingSeedsConfig', 'clipping_seeds_experiment',
+           'format_clipping_seeds_report', 'register_cli']
 
 # %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c005
 class LSTMLanguageModel(nn.Module):
@@ -93,37 +96,68 @@ def lm_eval_loss(model: nn.Module, stream: torch.Tensor, *, seq_len: int = 64, b
 # %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c007
 def smoothness_trajectory(model: nn.Module, stream: torch.Tensor, *, steps: int, lr: float, batch_size: int = 32,
                           seq_len: int = 64, fractions: Sequence[float] = (0.5,), seed: int = 0,
-                          device: str = "auto", progress: bool = False) -> dict[str, list[float]]:
-    """Train `model` on random windows of `stream` with plain SGD through `simbook.training.fit` and record, every
-    step, the loss, the gradient norm ‖∇f(x_k)‖ and the local smoothness between x_k and x_{k+1} on that step's
-    minibatch. Returns {"loss", "grad_norm", "smoothness"}.
+                          device: str = "auto", progress: bool = False, max_norm: float | None = None,
+                          probe: torch.Tensor | None = None, probe_every: int = 10) -> dict[str, list[float]]:
+    """Train `model` on random windows of `stream` with SGD through `simbook.training.fit` (hard-clipped at
+    `max_norm` if given) and record, every step, the loss, the gradient norm ‖∇f(x_k)‖ and the local smoothness
+    between x_k and x_{k+1} on that step's minibatch. Returns {"loss", "grad_norm", "smoothness", "probe_step",
+    "probe_grad_norm", "probe_smoothness"}.
+
+    With `probe` (fixed windows `[P, T + 1]`, many more than a minibatch) the measurement is also made as the
+    paper's code makes it, every `probe_every` steps: gradient norm and smoothness of the loss on the probe windows,
+    the same windows at x_k and at the midpoint, so that minibatch noise leaves both numbers.
 
     The trainer's two hooks carry the measurement: `before_update` keeps x_k, ∇f(x_k) and the minibatch (it sees the
-    gradients before the step), and `evaluate`, run after every step (`eval_every=1`), sees x_{k+1}.
+    raw gradient, before clipping and the step), and `evaluate`, run after every step (`eval_every=1`), sees x_{k+1}.
 
     Defined in: *Gradient clipping on a real language model*, section "The paper's evidence on a real language model"."""
     check_positive_int(steps, "steps")
+    check_positive_int(probe_every, "probe_every")
+    if max_norm is not None:
+        _check_max_norm(max_norm)
+    if probe is not None and (not isinstance(probe, torch.Tensor) or probe.dim() != 2 or probe.shape[1] < 2
+                              or probe.is_floating_point()):
+        raise ValueError("probe must be an integer tensor of windows [P, T + 1] with T >= 1")
     params = [p for p in model.parameters() if p.requires_grad]
     kept = {}
+
+    def probe_loss(module):
+        return lm_loss(module, kept["probe"])
 
     def keep_start(module, window, step):
         kept["start"] = [p.detach().clone() for p in params]
         kept["grad"] = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
         kept["window"] = window.to(params[0].device)        # the trainer hands over the batch as batch_fn made it
+        kept["probe_due"] = probe is not None and (step - 1) % probe_every == 0
+        if kept["probe_due"]:
+            kept["probe"] = probe.to(params[0].device)
+            with torch.enable_grad():
+                kept["probe_grad"] = list(torch.autograd.grad(probe_loss(module), params))
 
     def measure(module, step):
         module.train()                                      # an LSTM's backward pass on CUDA needs train mode
         end = [p.detach().clone() for p in params]
         smooth = local_smoothness(lambda: lm_loss(module, kept["window"]), params, kept["start"], end,
                                   start_grad=kept["grad"], fractions=fractions)
-        return {"grad_norm": global_norm(kept["grad"]), "smoothness": smooth}
+        out = {"grad_norm": global_norm(kept["grad"]), "smoothness": smooth,
+               "probe_grad_norm": math.nan, "probe_smoothness": math.nan}
+        if kept["probe_due"]:
+            out["probe_grad_norm"] = global_norm(kept["probe_grad"])
+            out["probe_smoothness"] = local_smoothness(lambda: probe_loss(module), params, kept["start"], end,
+                                                       start_grad=kept["probe_grad"], fractions=fractions)
+        return out
 
     result = fit(model, lm_loss, lambda step, g: windows(stream, batch_size, seq_len, g), steps=steps,
                  optimizer=lambda ps: torch.optim.SGD(ps, lr=lr), before_update=keep_start, evaluate=measure,
-                 eval_every=1, seed=seed, device=device, progress=progress, desc="smoothness trajectory")
+                 clip=None if max_norm is None else GradientClipper(max_norm), eval_every=1, seed=seed,
+                 device=device, progress=progress, desc="smoothness trajectory")
     model.eval()
+    probed = [e for e in result.evaluations if math.isfinite(e["probe_grad_norm"])]
     return {"loss": list(result.losses), "grad_norm": [e["grad_norm"] for e in result.evaluations],
-            "smoothness": [e["smoothness"] for e in result.evaluations]}
+            "smoothness": [e["smoothness"] for e in result.evaluations],
+            "probe_step": [int(e["step"]) for e in probed],
+            "probe_grad_norm": [e["probe_grad_norm"] for e in probed],
+            "probe_smoothness": [e["probe_smoothness"] for e in probed]}
 
 
 def train_lm(model: nn.Module, stream: torch.Tensor, *, steps: int, lr: float, max_norm: float | None = None,
@@ -264,6 +298,281 @@ def format_smoothness_report(result: dict) -> str:
     lines.append("* best learning rate of each method (held-out loss); train loss = mean of the last 10% of steps")
     return "\n".join(lines)
 
+# %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c022
+# t quantiles t_{0.975, df} for df = 1..30; beyond, the Cornish-Fisher expansion around the normal quantile
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and the 95% Student-t interval of the mean of `values` (one number per
+    seed); needs at least 2 finite values. Returns {"n", "mean", "sd", "low", "high"}.
+
+    Defined in: *Gradient clipping on a real language model*, section "Clipped and plain SGD over seeds"."""
+    v = [float(x) for x in values]
+    if len(v) < 2:
+        raise ValueError(f"an interval needs at least 2 values, got {len(v)}")
+    if not all(math.isfinite(x) for x in v):
+        raise ValueError("values must be finite")
+    n, mean = len(v), sum(v) / len(v)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    df = n - 1
+    t = _T975[df - 1] if df <= 30 else 1.959964 + (1.959964**3 + 1.959964) / (4 * df)
+    half = t * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+def steps_to_target(losses: Sequence[float], target: float, *, window: int = 20) -> int | None:
+    """The first step k (1-based) at which the mean training loss of steps k − window + 1 … k is at most `target`;
+    None if the run never gets there (or diverged first). The running mean keeps one lucky minibatch from counting.
+
+    Defined in: *Gradient clipping on a real language model*, section "Clipped and plain SGD over seeds"."""
+    check_positive_int(window, "window")
+    total = 0.0
+    for k, value in enumerate(losses, 1):
+        if not math.isfinite(value):
+            return None
+        total += value
+        if k > window:
+            total -= losses[k - 1 - window]
+        if k >= window and total / window <= target:
+            return k
+    return None
+
+
+def correlation_interval(correlations: Sequence[float]) -> dict[str, float]:
+    """Mean ± sd of correlation coefficients (one per seed) and a 95% interval for their typical value: the
+    Student-t interval of the mean of Fisher's z = atanh(r), mapped back with tanh, so that it stays inside (−1, 1).
+    Returns {"n", "mean", "sd", "low", "high"}.
+
+    Defined in: *Gradient clipping on a real language model*, section "Clipped and plain SGD over seeds"."""
+    r = [float(x) for x in correlations]
+    if not all(-1 < x < 1 for x in r):
+        raise ValueError(f"correlations must lie in (-1, 1), got {r}")
+    plain, z = mean_interval(r), mean_interval([math.atanh(x) for x in r])
+    return {**plain, "low": math.tanh(z["low"]), "high": math.tanh(z["high"])}
+
+# %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c025
+CLIPPING_METHODS = ("plain", "hard", "soft")
+
+
+def _check_lrs(grid, name):
+    grid = tuple(grid)
+    if not all(isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0
+               for lr in grid):
+        raise ValueError(f"{name} must be learning rates > 0, got {list(grid)}")
+    return grid
+
+
+@dataclass
+class ClippingSeedsConfig:
+    """The multi-seed experiment: plain, hard-clipped and soft-clipped SGD over learning rates and seeds, and the
+    smoothness measurement along a plain and a clipped trajectory per seed, on minibatches and on probe windows.
+    The defaults are the full run of `simbook clipping-seeds`; `small()` is the chapter's notebook-sized run.
+
+    Defined in: *Gradient clipping on a real language model*, section "Clipped and plain SGD over seeds"."""
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={"help": "seeds (initialisation and batches)"})
+    compare_steps: int = field(default=400, metadata={"help": "steps of each comparison run"})
+    plain_lrs: tuple[float, ...] = field(default=(3.0, 10.0, 30.0), metadata={"help": "learning rates, plain SGD"})
+    hard_lrs: tuple[float, ...] = field(default=(10.0, 30.0, 100.0),
+                                        metadata={"help": "learning rates, hard-clipped SGD (empty: not run)"})
+    soft_lrs: tuple[float, ...] = field(default=(30.0, 100.0, 300.0),
+                                        metadata={"help": "learning rates, soft-clipped SGD (empty: not run)"})
+    max_norm: float = field(default=0.25, metadata={"help": "clipping threshold gamma (hard and soft)"})
+    target_loss: float = field(default=5.0, metadata={"help": "training-loss target of steps-to-target"})
+    target_window: int = field(default=20, metadata={"help": "steps in the running mean compared with the target"})
+    trajectory_steps: int = field(default=300, metadata={"help": "steps of each smoothness trajectory"})
+    plain_trajectory_lr: float = field(default=10.0, metadata={"help": "learning rate of the plain trajectory"})
+    clipped_trajectory_lr: float = field(default=30.0,
+                                         metadata={"help": "learning rate of the hard-clipped trajectory"})
+    probe_windows: int = field(default=512, metadata={"help": "fixed windows of the probe measurement"})
+    probe_every: int = field(default=10, metadata={"help": "steps between probe measurements"})
+    embed_size: int = field(default=32, metadata={"help": "embedding size"})
+    hidden_size: int = field(default=64, metadata={"help": "LSTM hidden size"})
+    batch_size: int = field(default=16, metadata={"help": "windows per batch"})
+    seq_len: int = field(default=32, metadata={"help": "characters per window"})
+    vocab: int = field(default=800, metadata={"help": "most frequent characters kept (the rest become [UNK])"})
+
+    def __post_init__(self):
+        for name in ("compare_steps", "target_window", "trajectory_steps", "probe_windows", "probe_every",
+                     "embed_size", "hidden_size", "batch_size", "seq_len"):
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.vocab, "vocab", minimum=6)
+        _check_max_norm(self.max_norm)
+        self.seeds = tuple(self.seeds)
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise ValueError(f"seeds must be at least 2 distinct integers >= 0, got {list(self.seeds)}")
+        self.plain_lrs = _check_lrs(self.plain_lrs, "plain_lrs")
+        self.hard_lrs = _check_lrs(self.hard_lrs, "hard_lrs")
+        self.soft_lrs = _check_lrs(self.soft_lrs, "soft_lrs")
+        if not self.plain_lrs:
+            raise ValueError("plain_lrs must not be empty: plain SGD is the baseline")
+        _check_lrs((self.plain_trajectory_lr, self.clipped_trajectory_lr), "trajectory learning rates")
+        if not (isinstance(self.target_loss, (int, float)) and math.isfinite(self.target_loss)
+                and self.target_loss > 0):
+            raise ValueError(f"target_loss must be a finite number > 0, got {self.target_loss!r}")
+
+    @classmethod
+    def small(cls, **changes) -> ClippingSeedsConfig:
+        """The chapter's run: 3 seeds, 60 steps per comparison run at the full run's best learning rates (plain 10,
+        hard 10, soft 30), 40-step trajectories probed on 128 windows every 5 steps."""
+        return cls(**{**dict(seeds=(0, 1, 2), compare_steps=60, plain_lrs=(10.0,), hard_lrs=(10.0,), soft_lrs=(30.0,),
+                             target_loss=6.0, target_window=10, trajectory_steps=40, probe_windows=128,
+                             probe_every=5),
+                      **changes})
+
+    def grid(self) -> list[tuple[str, float]]:
+        """The (method, learning rate) pairs of the comparison."""
+        return [(m, lr) for m, lrs in zip(CLIPPING_METHODS, (self.plain_lrs, self.hard_lrs, self.soft_lrs))
+                for lr in lrs]
+
+# %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c026
+def _lm_data(vocab: int):
+    from simbook.text import peoples_daily
+
+    stream, tokenizer = char_stream(peoples_daily(), vocab=vocab)
+    split = int(0.9 * len(stream))
+    return stream[:split], stream[split:], tokenizer
+
+
+def _trajectory_fits(trajectory: dict) -> dict[str, SmoothnessFit]:
+    fits = {}
+    for name, g_key, L_key in [("minibatch", "grad_norm", "smoothness"),
+                               ("probe", "probe_grad_norm", "probe_smoothness")]:
+        pairs = [(g, L) for g, L in zip(trajectory[g_key], trajectory[L_key]) if g > 0 and L > 0]
+        if len(pairs) >= 3:
+            fits[name] = fit_smoothness([g for g, _ in pairs], [L for _, L in pairs])
+    return fits
+
+
+def clipping_seeds_experiment(config: ClippingSeedsConfig | None = None, *, device: str = "auto",
+                              progress: bool = False, record=None) -> dict:
+    """The stochastic case over seeds, on the character LSTM of People's Daily (first 90% to train, last 10% held
+    out). For every seed (initialisation and minibatch order):
+
+    1. plain, hard-clipped and soft-clipped SGD (γ = `config.max_norm`) at each of their learning rates,
+       `config.compare_steps` steps from the same initialisation on the same minibatches: held-out loss at the end
+       and steps until the running mean of the training loss reaches `config.target_loss`;
+    2. a plain (`plain_trajectory_lr`) and a hard-clipped (`clipped_trajectory_lr`) trajectory recording gradient
+       norm and local smoothness every step on the step's minibatch and every `probe_every` steps on
+       `probe_windows` fixed windows (the paper's way), with a `fit_smoothness` for each.
+
+    Every run goes through `simbook.training.fit`. Returns {"runs": {(method, lr, seed): {...}}, "summary":
+    {(method, lr): {...}}, "best": {method: lr}, "paired": {method: interval of best-method minus best-plain
+    held-out loss}, "trajectories": {(kind, seed): trajectory}, "fits": {(kind, seed): {estimator: fit}},
+    "correlations": {(kind, estimator): interval over seeds}, ...}. With a `RunRecord`, each run is logged to it.
+
+    Defined in: *Gradient clipping on a real language model*, section "Clipped and plain SGD over seeds"."""
+    config = ClippingSeedsConfig() if config is None else config
+    if not isinstance(config, ClippingSeedsConfig):
+        raise TypeError(f"config must be a ClippingSeedsConfig, got {type(config).__name__}")
+    train, held_out, tokenizer = _lm_data(config.vocab)
+
+    def fresh_model(seed):
+        torch.manual_seed(seed)
+        return LSTMLanguageModel(tokenizer.vocab_size, embed_size=config.embed_size, hidden_size=config.hidden_size)
+
+    shape = dict(batch_size=config.batch_size, seq_len=config.seq_len, device=device, progress=progress)
+    runs = {}
+    for seed in config.seeds:
+        for method, lr in config.grid():
+            model = fresh_model(seed)
+            losses = train_lm(model, train, steps=config.compare_steps, lr=lr, seed=seed,
+                              max_norm=None if method == "plain" else config.max_norm,
+                              mode="hard" if method == "plain" else method, **shape)
+            diverged = not math.isfinite(losses[-1])
+            held = math.inf if diverged else lm_eval_loss(model, held_out, seq_len=config.seq_len)
+            reached = steps_to_target(losses, config.target_loss, window=config.target_window)
+            runs[(method, lr, seed)] = {"losses": losses, "held_out": held, "steps_to_target": reached,
+                                        "diverged": diverged}
+            if record is not None:
+                record.log(config.compare_steps, run=f"{method} lr={lr:g} seed={seed}", held_out=held,
+                           train_loss=_tail_mean(losses),
+                           steps_to_target=math.nan if reached is None else float(reached))
+    summary = {}
+    for method, lr in config.grid():
+        rows = [runs[(method, lr, s)] for s in config.seeds]
+        held = [r["held_out"] for r in rows]
+        reached = [r["steps_to_target"] for r in rows if r["steps_to_target"] is not None]
+        summary[(method, lr)] = {
+            "held_out": mean_interval(held) if all(math.isfinite(h) for h in held) else None,
+            "diverged": sum(r["diverged"] for r in rows),
+            "reached": len(reached),
+            "steps_to_target": mean_interval(reached) if len(reached) >= 2 else None}
+
+    def mean_held(key):
+        s = summary[key]["held_out"]
+        return math.inf if s is None else s["mean"]
+
+    best = {m: min(lrs, key=lambda lr: mean_held((m, lr)))
+            for m, lrs in zip(CLIPPING_METHODS, (config.plain_lrs, config.hard_lrs, config.soft_lrs)) if lrs}
+    paired = {}
+    for method in best:
+        if method == "plain" or summary[(method, best[method])]["held_out"] is None \
+                or summary[("plain", best["plain"])]["held_out"] is None:
+            continue
+        paired[method] = mean_interval([runs[(method, best[method], s)]["held_out"]
+                                        - runs[("plain", best["plain"], s)]["held_out"] for s in config.seeds])
+
+    trajectories, fits = {}, {}
+    for seed in config.seeds:
+        probe = windows(train, config.probe_windows, config.seq_len, torch.Generator().manual_seed(10_000 + seed))
+        for kind, lr, max_norm in [("plain", config.plain_trajectory_lr, None),
+                                   ("clipped", config.clipped_trajectory_lr, config.max_norm)]:
+            trajectory = smoothness_trajectory(fresh_model(seed), train, steps=config.trajectory_steps, lr=lr,
+                                               max_norm=max_norm, probe=probe, probe_every=config.probe_every,
+                                               seed=seed, **shape)
+            trajectories[(kind, seed)] = trajectory
+            fits[(kind, seed)] = _trajectory_fits(trajectory)
+            if record is not None:
+                record.log(config.trajectory_steps, run=f"{kind} trajectory seed={seed}",
+                           **{f"{name}_correlation": f.correlation for name, f in fits[(kind, seed)].items()},
+                           **{f"{name}_slope": f.slope for name, f in fits[(kind, seed)].items()})
+    correlations, slopes = {}, {}
+    for kind in ("plain", "clipped"):
+        for estimator in ("minibatch", "probe"):
+            found = [fits[(kind, s)][estimator] for s in config.seeds if estimator in fits[(kind, s)]]
+            if len(found) >= 2:
+                correlations[(kind, estimator)] = correlation_interval([f.correlation for f in found])
+                slopes[(kind, estimator)] = mean_interval([f.slope for f in found])
+    return {"runs": runs, "summary": summary, "best": best, "paired": paired, "trajectories": trajectories,
+            "fits": fits, "correlations": correlations, "slopes": slopes, "vocab_size": tokenizer.vocab_size,
+            "train_chars": len(train), "config": config}
+
+
+def _fmt(interval: dict | None, digits: int = 3) -> str:
+    if interval is None:
+        return "—"
+    return f"{interval['mean']:.{digits}f} ± {interval['sd']:.{digits}f}"
+
+
+def format_clipping_seeds_report(result: dict) -> str:
+    """The multi-seed experiment's numbers as text: mean ± sd over seeds, 95% intervals of the paired differences
+    and of the correlations. Defined in: *Gradient clipping on a real language model*, section "Clipped and plain
+    SGD over seeds"."""
+    config = result["config"]
+    n = len(config.seeds)
+    lines = [f"{n} seeds; mean ± sd over seeds; γ = {config.max_norm:g}; steps-to-target: running mean of "
+             f"{config.target_window} training losses <= {config.target_loss:g} (seeds that reach it)",
+             f"{'method':>8} {'lr':>6} {'held-out loss':>17} {'steps to target':>17} {'reached':>8} {'diverged':>9}"]
+    for (method, lr), s in result["summary"].items():
+        mark = " *" if result["best"].get(method) == lr else ""
+        lines.append(f"{method:>8} {lr:>6g} {_fmt(s['held_out']):>17} {_fmt(s['steps_to_target'], 0):>17} "
+                     f"{s['reached']:>4}/{n:<3} {s['diverged']:>5}/{n:<3}{mark}")
+    lines.append("* best learning rate of each method (mean held-out loss)")
+    for method, d in result["paired"].items():
+        lines.append(f"{method} (lr {result['best'][method]:g}) minus plain (lr {result['best']['plain']:g}), "
+                     f"held-out loss, paired by seed: {d['mean']:+.3f}, 95% interval [{d['low']:+.3f}, "
+                     f"{d['high']:+.3f}]")
+    lines.append(f"smoothness vs gradient norm, correlation of the logs over {n} seeds (mean ± sd, 95% interval), "
+                 f"log-log slope:")
+    for (kind, estimator), c in result["correlations"].items():
+        s = result["slopes"][(kind, estimator)]
+        lines.append(f"  {kind:>7} trajectory, {estimator:>9}: {c['mean']:.2f} ± {c['sd']:.2f} "
+                     f"[{c['low']:.2f}, {c['high']:.2f}], slope {s['mean']:.2f} ± {s['sd']:.2f}")
+    return "\n".join(lines)
+
 # %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c015
 def _run_cli(args) -> int:
     if args.resume:
@@ -289,10 +598,48 @@ def _run_cli(args) -> int:
     return 0
 
 
+def _run_seeds_cli(args) -> int:
+    if args.resume:
+        raise ValueError("--resume: the clipping-seeds experiment is a series of short runs and keeps no "
+                         "checkpoint: run it again")
+    config = config_from_args(ClippingSeedsConfig, args)
+    record = start_run(args, config, name="clipping-seeds")
+    progress = False if args.no_progress else None
+    result = clipping_seeds_experiment(config, device=args.device, progress=progress, record=record)
+    final = {"vocab_size": result["vocab_size"], "seeds": len(config.seeds)}
+    for method, lr in result["best"].items():
+        s = result["summary"][(method, lr)]
+        final[f"best_{method}_lr"] = lr
+        if s["held_out"] is not None:
+            final[f"best_{method}_held_out_mean"], final[f"best_{method}_held_out_sd"] = (s["held_out"]["mean"],
+                                                                                         s["held_out"]["sd"])
+        final[f"best_{method}_reached"] = s["reached"]
+        if s["steps_to_target"] is not None:
+            final[f"best_{method}_steps_to_target_mean"] = s["steps_to_target"]["mean"]
+            final[f"best_{method}_steps_to_target_sd"] = s["steps_to_target"]["sd"]
+    for method, d in result["paired"].items():
+        final[f"{method}_minus_plain_held_out"] = d["mean"]
+        final[f"{method}_minus_plain_low"], final[f"{method}_minus_plain_high"] = d["low"], d["high"]
+    for (kind, estimator), c in result["correlations"].items():
+        for key in ("mean", "sd", "low", "high"):
+            final[f"correlation_{kind}_{estimator}_{key}"] = c[key]
+        final[f"slope_{kind}_{estimator}_mean"] = result["slopes"][(kind, estimator)]["mean"]
+    record.finish(**final)
+    if not is_main_process():
+        return 0
+    print(f"char LSTM (embed {config.embed_size}, hidden {config.hidden_size}, vocabulary {result['vocab_size']}) "
+          f"on People's Daily, batch {config.batch_size} x {config.seq_len} characters, probe "
+          f"{config.probe_windows} windows every {config.probe_every} steps")
+    print(format_clipping_seeds_report(result))
+    print(f"record: {record.path}")
+    return 0
+
+
 def register_cli(subparsers) -> None:
-    """Add `simbook smoothness`: the options of `SmoothnessConfig` (its defaults are the full run) and the run
-    options (`--device --seed --save --resume ...`). Defined in: *Gradient clipping on a real language model*,
-    section "The `simbook smoothness` command"."""
+    """Add `simbook smoothness` (one seed: the options of `SmoothnessConfig`) and `simbook clipping-seeds` (over
+    seeds: the options of `ClippingSeedsConfig`; `--seeds` sets the seeds, `--seed` is not used), each with the run
+    options (`--device --save --resume ...`); the defaults are the full runs. Defined in: *Gradient clipping on a
+    real language model*, section "The `simbook smoothness` command"."""
     p = subparsers.add_parser("smoothness", help="local smoothness vs gradient norm, clipped vs plain SGD (LSTM LM)",
                               description="Train a character LSTM on People's Daily with SGD, record local smoothness "
                                           "and gradient norm every step and fit (L0, L1); then compare plain and "
@@ -300,3 +647,13 @@ def register_cli(subparsers) -> None:
     add_config_arguments(p, SmoothnessConfig)
     add_run_arguments(p, name="smoothness", checkpoint_every=None)
     p.set_defaults(run=_run_cli)
+    q = subparsers.add_parser("clipping-seeds", help="plain vs hard- and soft-clipped SGD over seeds; smoothness "
+                                                     "vs gradient norm on minibatches and probe windows (LSTM LM)",
+                              description="Train a character LSTM on People's Daily with plain, hard-clipped and "
+                                          "soft-clipped SGD at several learning rates for every seed (held-out loss, "
+                                          "steps to a target loss), and record local smoothness against gradient "
+                                          "norm along a plain and a clipped trajectory per seed, on the step's "
+                                          "minibatch and on fixed probe windows.")
+    add_config_arguments(q, ClippingSeedsConfig)
+    add_run_arguments(q, name="clipping-seeds", checkpoint_every=None)
+    q.set_defaults(run=_run_seeds_cli)
