@@ -346,6 +346,8 @@ def latent_geometry(model: VAE, x: torch.Tensor, *, paths: int = 200, steps: int
     mu = encode_all(model, x)[0]
     count, variances = active_units(mu)
     radius = (mu.double() - mu.double().mean(0)).pow(2).sum(-1).mean().sqrt().item()
+    if radius == 0:
+        raise ValueError("every input has the same code: there is no latent path to measure")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(mu), (paths,), generator=g)
     partners = (starts + torch.randint(1, len(mu), (paths,), generator=g)) % len(mu)      # never the same digit
