@@ -125,11 +125,12 @@ class VectorIndex:
             check_positive_int(rows, "corpus_block")
             best_s = best_i = None
             for start in range(0, len(self), rows):
-                s, i = (chunk @ self.vectors[start:start + rows].T).topk(min(topn, len(self) - start), dim=1)
+                part = self.vectors[start:start + rows]
+                s, i = (chunk @ part.T).topk(min(topn, len(part)), dim=1)
                 i += start
                 if best_s is not None:                      # merge with the best so far
                     s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-                    s, j = s.topk(topn, dim=1)
+                    s, j = s.topk(min(topn, s.shape[1]), dim=1)
                     i = i.gather(1, j)
                 best_s, best_i = s, i
             scores.append(best_s)
