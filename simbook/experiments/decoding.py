@@ -376,7 +376,9 @@ def language_model(architecture: str, vocab_size: int, config: ScaleConfig) -> t
 
 
 def step_decoder(model, epsilon: float | None) -> StepDecoder:
-    """The chapter's step decoder for a GPT, `RecurrentStepDecoder` for a recurrent model."""
+    """The chapter's step decoder for a GPT, `RecurrentStepDecoder` for a recurrent model.
+
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
     if isinstance(model, RecurrentLM):
         return RecurrentStepDecoder(model, self_terminating=epsilon)
     return StepDecoder(model, self_terminating=epsilon)
@@ -415,8 +417,8 @@ def unfinished_by(finished: torch.Tensor, lengths: torch.Tensor, caps) -> list[i
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c028
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% by default). Defined in: *Seq2seq that won't stop:
-    the experiment*, section "At the paper's scale"."""
+    """Wilson score interval of a binomial proportion k/n (95% by default). 
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
     check_positive_int(n, "n")
     if not 0 <= k <= n:
         raise ValueError(f"k must be in [0, n={n}], got {k}")
@@ -429,8 +431,8 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
 def summarize_scale(results: list[dict]) -> dict:
     """Pool the per-model results over seeds. For every "architecture | variant | decoder | context set": r_L at each
     L as the mean and sd over seeds, and the pooled count with its Wilson 95% interval; for every
-    "architecture | variant": perplexity mean, sd and the seeds. Defined in: *Seq2seq that won't stop: the
-    experiment*, section "At the paper's scale"."""
+    "architecture | variant": perplexity mean, sd and the seeds. 
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
     groups, perplexities = {}, {}
     for r in results:
         model = f"{r['architecture']} | {r['variant']}"
@@ -475,7 +477,9 @@ def format_scale_table(summary: dict, *, L: int | None = None) -> str:
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c030
 def model_config(config: ScaleConfig) -> dict:
-    """The fields of `config` that change one model's results (not which models run, nor how many at once)."""
+    """The fields of `config` that change one model's results (not which models run, nor how many at once).
+
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
     skip = {"architectures", "epsilons", "seeds", "decode_batch"}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items() if k not in skip}
 
@@ -507,8 +511,8 @@ def run_scale_model(architecture: str, variant: str, seed: int, config: ScaleCon
                     device: str = "auto", progress=False) -> dict:
     """Train one model and decode both context sets with every configured decoder. Returns JSON-ready results:
     final training loss, held-out perplexity, and per decoder and context set the count of continuations without
-    `<eos>` at each L of `config.lengths` (of `config.contexts`). Defined in: *Seq2seq that won't stop: the
-    experiment*, section "At the paper's scale"."""
+    `<eos>` at each L of `config.lengths` (of `config.contexts`). 
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
     epsilon = config.variants()[variant]
     started = time.time()
     model, final_loss = _train(architecture, epsilon, seed, config, corpus, device, progress)

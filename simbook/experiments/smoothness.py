@@ -638,8 +638,8 @@ def _run_seeds_cli(args) -> int:
 def register_cli(subparsers) -> None:
     """Add `simbook smoothness` (one seed: the options of `SmoothnessConfig`) and `simbook clipping-seeds` (over
     seeds: the options of `ClippingSeedsConfig`; `--seeds` sets the seeds, `--seed` is not used), each with the run
-    options (`--device --save --resume ...`); the defaults are the full runs. Defined in: *Gradient clipping on a
-    real language model*, section "The `simbook smoothness` command"."""
+    options (`--device --save --resume ...`); the defaults are the full runs. 
+    Defined in: *Gradient clipping on a real language model*, section "The `simbook smoothness` command"."""
     p = subparsers.add_parser("smoothness", help="local smoothness vs gradient norm, clipped vs plain SGD (LSTM LM)",
                               description="Train a character LSTM on People's Daily with SGD, record local smoothness "
                                           "and gradient norm every step and fit (L0, L1); then compare plain and "
