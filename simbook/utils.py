@@ -18,7 +18,8 @@ import torch
 # %% auto #0
 __all__ = ['WEIGHTS_NAME', 'CONFIG_NAME', 'seed_everything', 'check_positive_int', 'check_tensor', 'check_text', 'optimizer_step',
            'read_state_dict', 'atomic_write', 'write_json', 'save_tensors', 'save_checkpoint', 'load_checkpoint',
-           'load_state_dict_strict', 'Pretrained', 'use_cjk_font']
+           'load_state_dict_strict', 'Pretrained', 'mean_interval', 'correlation_interval', 'wilson_interval',
+           'use_cjk_font']
 
 # %% ../nbs/00_conventions.ipynb #c004
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
@@ -288,6 +289,55 @@ class Pretrained:
         model = cls._from_config(config, directory)
         load_state_dict_strict(model, state)
         return model.eval()                             # like a loaded model anywhere: ready for inference
+
+# %% ../nbs/00_conventions.ipynb #c023
+# t quantiles t_{0.975, df} for df = 1..30; beyond, the Cornish-Fisher expansion around the normal quantile
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(values: Sequence[float]) -> dict[str, float]:
+    """Mean, sample standard deviation and the 95% Student-t interval of the mean of `values` (one number per
+    seed); needs at least 2 finite values. Returns {"n", "mean", "sd", "low", "high"}.
+
+    Defined in: *Conventions*, section "Intervals over seeds"."""
+    v = [float(x) for x in values]
+    if len(v) < 2:
+        raise ValueError(f"an interval needs at least 2 values, got {len(v)}")
+    if not all(math.isfinite(x) for x in v):
+        raise ValueError("values must be finite")
+    n, mean = len(v), sum(v) / len(v)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
+    df = n - 1
+    t = _T975[df - 1] if df <= 30 else 1.959964 + (1.959964**3 + 1.959964) / (4 * df)
+    half = t * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+def correlation_interval(correlations: Sequence[float]) -> dict[str, float]:
+    """Mean ± sd of correlation coefficients (one per seed) and a 95% interval for their typical value: the
+    Student-t interval of the mean of Fisher's z = atanh(r), mapped back with tanh, so that it stays inside (−1, 1).
+    Returns {"n", "mean", "sd", "low", "high"}.
+
+    Defined in: *Conventions*, section "Intervals over seeds"."""
+    r = [float(x) for x in correlations]
+    if not all(-1 < x < 1 for x in r):
+        raise ValueError(f"correlations must lie in (-1, 1), got {r}")
+    plain, z = mean_interval(r), mean_interval([math.atanh(x) for x in r])
+    return {**plain, "low": math.tanh(z["low"]), "high": math.tanh(z["high"])}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval (low, high) of a binomial proportion k/n, 95% by default.
+
+    Defined in: *Conventions*, section "Intervals over seeds"."""
+    check_positive_int(n, "n")
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+        raise ValueError(f"k must be an integer in [0, n={n}], got {k!r}")
+    p, z2 = k / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 # %% ../nbs/00_conventions.ipynb #c017
 def use_cjk_font() -> str:

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from simbook.decoding import beam_search, greedy, sample
-from simbook.experiments.decoding import ScaleConfig, summarize_scale, unfinished_by, wilson_interval
+from simbook.experiments.decoding import ScaleConfig, summarize_scale, unfinished_by
+from simbook.utils import wilson_interval
 from simbook.recurrent import RecurrentConfig, RecurrentLM, RecurrentStepDecoder
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from simbook.experiments.smoothness import (ClippingSeedsConfig, LSTMLanguageModel, char_stream, lm_loss,
-                                            mean_interval, smoothness_trajectory, steps_to_target, train_lm,
+                                            smoothness_trajectory, steps_to_target, train_lm,
                                             windows)
 from simbook.optim.clipping import ClippedOptimizer, clip_coefficient, global_norm, local_smoothness
-from simbook.utils import optimizer_step
+from simbook.utils import correlation_interval, mean_interval, optimizer_step
 
 
 # --- helpers -----------------------------------------------------------------------------------------------------------
@@ -169,7 +169,6 @@ def test_cli_runs_a_tiny_experiment(capsys, tmp_path):
 
 
 def test_correlation_interval_stays_inside_minus_one_one_and_matches_fisher_z():
-    from simbook.experiments.smoothness import correlation_interval
 
     rs = [0.9, 0.95, 0.99]
     got = correlation_interval(rs)

@@ -17,14 +17,14 @@ from ..models.transformer import TransformerConfig
 from ..text import CharTokenizer, peoples_daily
 from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
                               STATE_JSON, init_distributed, is_main_process, latest_checkpoint, resolve_device, start_run)
-from ..utils import check_positive_int
+from ..utils import check_positive_int, wilson_interval
 
 # %% auto #0
 __all__ = ['DECODERS', 'MODELS', 'ParagraphCorpus', 'paragraph_corpus', 'train_language_model', 'non_termination_ratios',
            'NonTerminationConfig', 'run_non_termination', 'format_non_termination_table', 'register_cli', 'ScaleConfig',
            'random_contexts', 'language_model', 'step_decoder', 'continuation_lengths', 'unfinished_by',
-           'wilson_interval', 'summarize_scale', 'format_scale_table', 'model_config', 'run_scale_model',
-           'run_non_termination_scale', 'load_scale_results', 'register_scale_cli']
+           'summarize_scale', 'format_scale_table', 'model_config', 'run_scale_model', 'run_non_termination_scale',
+           'load_scale_results', 'register_scale_cli']
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c006
 @dataclass
@@ -416,18 +416,6 @@ def unfinished_by(finished: torch.Tensor, lengths: torch.Tensor, caps) -> list[i
     return [int((~finished | (lengths > L)).sum()) for L in caps]
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c028
-def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion k/n (95% by default). 
-    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
-    check_positive_int(n, "n")
-    if not 0 <= k <= n:
-        raise ValueError(f"k must be in [0, n={n}], got {k}")
-    p, z2 = k / n, z * z
-    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def summarize_scale(results: list[dict]) -> dict:
     """Pool the per-model results over seeds. For every "architecture | variant | decoder | context set": r_L at each
     L as the mean and sd over seeds, and the pooled count with its Wilson 95% interval; for every

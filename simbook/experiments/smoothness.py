@@ -14,13 +14,12 @@ from ..optim.clipping import (GradientClipper, SmoothnessFit, _check_max_norm, f
                                    local_smoothness)
 from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
                               start_run)
-from ..utils import check_positive_int
+from ..utils import check_positive_int, correlation_interval, mean_interval
 
 # %% auto #0
 __all__ = ['CLIPPING_METHODS', 'LSTMLanguageModel', 'char_stream', 'windows', 'lm_loss', 'lm_eval_loss', 'smoothness_trajectory',
-           'train_lm', 'SmoothnessConfig', 'smoothness_experiment', 'format_smoothness_report', 'mean_interval',
-           'steps_to_target', 'correlation_interval', 'ClippingSeedsConfig', 'clipping_seeds_experiment',
-           'format_clipping_seeds_report', 'register_cli']
+           'train_lm', 'SmoothnessConfig', 'smoothness_experiment', 'format_smoothness_report', 'steps_to_target',
+           'ClippingSeedsConfig', 'clipping_seeds_experiment', 'format_clipping_seeds_report', 'register_cli']
 
 # %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c005
 class LSTMLanguageModel(nn.Module):
@@ -299,29 +298,6 @@ def format_smoothness_report(result: dict) -> str:
     return "\n".join(lines)
 
 # %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c022
-# t quantiles t_{0.975, df} for df = 1..30; beyond, the Cornish-Fisher expansion around the normal quantile
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def mean_interval(values: Sequence[float]) -> dict[str, float]:
-    """Mean, sample standard deviation and the 95% Student-t interval of the mean of `values` (one number per
-    seed); needs at least 2 finite values. Returns {"n", "mean", "sd", "low", "high"}.
-
-    Defined in: *Gradient clipping on a real language model*, section "Clipped and plain SGD over seeds"."""
-    v = [float(x) for x in values]
-    if len(v) < 2:
-        raise ValueError(f"an interval needs at least 2 values, got {len(v)}")
-    if not all(math.isfinite(x) for x in v):
-        raise ValueError("values must be finite")
-    n, mean = len(v), sum(v) / len(v)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1))
-    df = n - 1
-    t = _T975[df - 1] if df <= 30 else 1.959964 + (1.959964**3 + 1.959964) / (4 * df)
-    half = t * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
-
-
 def steps_to_target(losses: Sequence[float], target: float, *, window: int = 20) -> int | None:
     """The first step k (1-based) at which the mean training loss of steps k − window + 1 … k is at most `target`;
     None if the run never gets there (or diverged first). The running mean keeps one lucky minibatch from counting.
@@ -338,19 +314,6 @@ def steps_to_target(losses: Sequence[float], target: float, *, window: int = 20)
         if k >= window and total / window <= target:
             return k
     return None
-
-
-def correlation_interval(correlations: Sequence[float]) -> dict[str, float]:
-    """Mean ± sd of correlation coefficients (one per seed) and a 95% interval for their typical value: the
-    Student-t interval of the mean of Fisher's z = atanh(r), mapped back with tanh, so that it stays inside (−1, 1).
-    Returns {"n", "mean", "sd", "low", "high"}.
-
-    Defined in: *Gradient clipping on a real language model*, section "Clipped and plain SGD over seeds"."""
-    r = [float(x) for x in correlations]
-    if not all(-1 < x < 1 for x in r):
-        raise ValueError(f"correlations must lie in (-1, 1), got {r}")
-    plain, z = mean_interval(r), mean_interval([math.atanh(x) for x in r])
-    return {**plain, "low": math.tanh(z["low"]), "high": math.tanh(z["high"])}
 
 # %% ../../nbs/12b_gradient_clipping_experiments.ipynb #c025
 CLIPPING_METHODS = ("plain", "hard", "soft")
