@@ -74,20 +74,27 @@ class StepDecoder:
         return log_probs[:, 0]
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
-                eos_id: int | None = None, capacity: int | None = None) -> torch.Tensor:
-        """Run the prompts `[B, T]` (right-padded, `valid [B, T]`); returns next-token log-probs `[B, V]`.
-
-        `capacity` (optional) is the number of positions the fast path's cache reserves at once."""
+    def _begin(self, input_ids: torch.Tensor, valid: torch.Tensor | None, eos_id: int | None) -> torch.Tensor:
+        # what every prefill checks and resets, whatever the model: returns `valid` (all True when None)
         check_tensor(input_ids, "input_ids", shape=(None, None), dtype="int")
         if valid is None:
             valid = torch.ones_like(input_ids, dtype=torch.bool)
         check_tensor(valid, "valid", shape=tuple(input_ids.shape), dtype="bool")
         if self.epsilon is not None and eos_id is None:
             raise ValueError("the self-terminating layer needs eos_id")
-        B, T = input_ids.shape
         self.lengths = valid.sum(1)                                  # next position id of each row
-        self.log_keep = torch.zeros(B, device=input_ids.device)      # the ST product starts after the prompt
+        if bool((self.lengths == 0).any()):
+            raise ValueError("every prompt needs at least one token")
+        self.log_keep = torch.zeros(input_ids.shape[0], device=input_ids.device)  # ST product starts after the prompt
+        return valid
+
+    def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
+                eos_id: int | None = None, capacity: int | None = None) -> torch.Tensor:
+        """Run the prompts `[B, T]` (right-padded, `valid [B, T]`); returns next-token log-probs `[B, V]`.
+
+        `capacity` (optional) is the number of positions the fast path's cache reserves at once."""
+        valid = self._begin(input_ids, valid, eos_id)
+        B, T = input_ids.shape
         self.packed = PackedGPT(self.model) if self._use_fast_path() else None
         if self.packed is not None:
             last = self.packed.prefill(input_ids, valid, self.lengths, capacity=capacity)

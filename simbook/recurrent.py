@@ -80,18 +80,8 @@ class RecurrentStepDecoder(StepDecoder):
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
                 eos_id: int | None = None, capacity: int | None = None) -> torch.Tensor:
-        check_tensor(input_ids, "input_ids", shape=(None, None), dtype="int")
-        if valid is None:
-            valid = torch.ones_like(input_ids, dtype=torch.bool)
-        check_tensor(valid, "valid", shape=tuple(input_ids.shape), dtype="bool")
-        if self.epsilon is not None and eos_id is None:
-            raise ValueError("the self-terminating layer needs eos_id")
-        lengths = valid.sum(1)
-        if bool((lengths == 0).any()):
-            raise ValueError("every prompt needs at least one token")
-        B = input_ids.shape[0]
-        self.lengths = lengths
-        self.log_keep = torch.zeros(B, device=input_ids.device)
+        self._begin(input_ids, valid, eos_id)
+        B, lengths = input_ids.shape[0], self.lengths
         embedded = self.model.embedding(input_ids)
         packed = nn.utils.rnn.pack_padded_sequence(embedded, lengths.cpu(), batch_first=True, enforce_sorted=False)
         hidden, self.state = self.model.recurrent(packed)

@@ -1000,6 +1000,7 @@ def _run(fn, decoder, ids, valid=None, **kw):
     (IDS, torch.ones(2, 3, dtype=torch.bool), ValueError, "valid"),
     (IDS, torch.tensor([[False, True, True, True], [True] * 4]), ValueError, "valid"),  # left padding
     (IDS + 50, None, ValueError, "input_ids"),                                      # outside the vocabulary
+    (IDS, torch.tensor([[False] * 4, [True] * 4]), ValueError, "at least one token"),  # an empty row
 ])
 def test_decoders_refuse_bad_prompts(dec, fn, ids, valid, err, match):
     with pytest.raises(err, match=match):
