@@ -9,8 +9,9 @@ to simbook's, for 1 and 2 threads (CPU) or on CUDA when present:
 * norm      torch.nn.utils.get_total_norm(grads)  vs  simbook.optim.clipping.global_norm(flat buffer)
 * clip, γ > ‖g‖   clip_grad_norm_ when clipping does not bite  vs  ClippedOptimizer.clip()
 * clip, γ < ‖g‖   the same when it bites (the gradients are restored, untimed, before every call)
-* fused step      clip_grad_norm_ + a fused AdamW (or SGD) step  vs  ClippedOptimizer around the same fused
-                  optimizer, which folds the clip into the optimizer's `grad_scale`: the clip costs only the norm
+* fused step      clip_grad_norm_ + a fused AdamW (or plain SGD) step  vs  ClippedOptimizer around the same fused
+                  optimizer, which folds the clip into the step (AdamW: the optimizer's `grad_scale`; plain SGD: that
+                  step's learning rate): the clip costs only the norm
 
 It also prints each norm's relative error against an fp64 reference, and for the fused steps the largest relative
 difference between the parameters after one step of each (from the same parameters, gradients and state).
@@ -124,7 +125,7 @@ def main() -> None:
 
 # passes over memory per parameter (float32 streams), for the chapter's table
 PASSES = {"AdamW": {"fused step": 7, "clip_grad_norm_ + step": 10, "folded": 9},
-          "SGD": {"fused step": 3, "clip_grad_norm_ + step": 6, "folded": 5}}
+          "SGD": {"fused step": 3, "clip_grad_norm_ + step": 6, "folded": 4}}
 
 
 def fused_steps(sizes, grads, reference, repeats, sync, device) -> None:

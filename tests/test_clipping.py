@@ -378,9 +378,16 @@ def test_bad_smoothness_input():
 
 # --- the clip folded into a fused optimizer ----------------------------------------------------------------------------
 
+def _two_groups_sgd(params):
+    return torch.optim.SGD([{"params": params[:2], "lr": 0.3}, {"params": params[2:]}], lr=0.1, foreach=False)
+
+
 @pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
                                   lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
-                                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True)])
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, fused=True),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
+                                  lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                  lambda ps: _two_groups_sgd(list(ps))])
 @pytest.mark.parametrize("flat", [True, False])
 def test_folded_clip_equals_clip_grad_norm_then_fused_step(make, flat):
     torch.manual_seed(0)
@@ -388,7 +395,9 @@ def test_folded_clip_equals_clip_grad_norm_then_fused_step(make, flat):
     theirs.load_state_dict(ours.state_dict())
     folded = ClippedOptimizer(make(ours.parameters()), 0.5, flat=flat)
     plain = make(theirs.parameters())
-    assert folded.fold and "fold=True" in repr(folded)
+    rates = [group["lr"] for group in folded.param_groups]
+    plain_sgd = isinstance(plain, torch.optim.SGD) and plain.defaults["momentum"] == 0
+    assert folded.fold == ("lr" if plain_sgd else "grad_scale") and f"fold={folded.fold!r}" in repr(folded)
     x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
     for step in range(4):
         scale = 10.0 if step % 2 else 0.01                          # steps that bite and steps that do not
@@ -398,6 +407,7 @@ def test_folded_clip_equals_clip_grad_norm_then_fused_step(make, flat):
         torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.5)
         plain.step()
         assert not hasattr(folded.optimizer, "grad_scale")         # only ever set for the one step
+        assert [group["lr"] for group in folded.param_groups] == rates   # the learning rates are restored
     for p, q in zip(ours.parameters(), theirs.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
     assert folded.clipper.clipped == [False, True, False, True]
@@ -407,7 +417,11 @@ def test_fold_is_off_for_unfused_optimizers_and_refused_where_impossible():
     net = _net()
     assert not ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1), 1.0).fold
     assert not ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True), 1.0, fold=False).fold
-    with pytest.raises(ValueError, match="fold=True needs a fused"):
+    assert not ClippedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), 1.0).fold
+    assert not ClippedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=0.1), 1.0).fold
+    assert ClippedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, weight_decay=0.1, fused=True), 1.0).fold \
+        == "grad_scale"                                             # weight decay: the learning rate cannot carry c
+    with pytest.raises(ValueError, match="fold=True needs plain SGD"):
         ClippedOptimizer(torch.optim.RMSprop(net.parameters(), lr=0.1), 1.0, fold=True)
     with pytest.raises(ValueError, match="fold must be"):
         ClippedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), 1.0, fold="yes")

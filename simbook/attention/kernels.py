@@ -41,14 +41,9 @@ if HAS_TRITON:
         return x.to(DOT)
 
     @triton.jit
-    def _state_pass_kernel(K, V, S0, Z0, HS, ZS, ST, ZT, T, DK, DV, NC,
-                           HAS_S0: tl.constexpr, FEATURE: tl.constexpr,
-                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-                           DOT: tl.constexpr):
-        # grid (key blocks, value blocks, batch*heads). Walks the chunks in order carrying only the fp32 state
-        # block S [BK, BV] (and z [BK]); stores the state *before* each chunk (HS[c], ZS[c]) and the final one.
-        ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        t = tl.arange(0, BT)
+    def _state_block(S0, Z0, bh, ik, iv, DK, DV, HAS_S0: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        # the [BK, BV] block of one (batch*head)'s state that program (ik, iv) owns: key and value indices, their
+        # masks, offsets into the DK x DV state, and the fp32 block (and key sums) it starts from: S0/Z0 or zeros
         dk, dv = ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
         dk_ok, dv_ok = dk < DK, dv < DV
         s_off, s_ok = dk[:, None] * DV + dv[None, :], dk_ok[:, None] & dv_ok[None, :]
@@ -57,6 +52,18 @@ if HAS_TRITON:
         if HAS_S0:
             S += tl.load(S0 + bh * DK * DV + s_off, mask=s_ok, other=0.0)
             z += tl.load(Z0 + bh * DK + dk, mask=dk_ok, other=0.0)
+        return dk, dv, dk_ok, dv_ok, s_off, s_ok, S, z
+
+    @triton.jit
+    def _state_pass_kernel(K, V, S0, Z0, HS, ZS, ST, ZT, T, DK, DV, NC,
+                           HAS_S0: tl.constexpr, FEATURE: tl.constexpr,
+                           BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+                           DOT: tl.constexpr):
+        # grid (key blocks, value blocks, batch*heads). Walks the chunks in order carrying only the fp32 state
+        # block S [BK, BV] (and z [BK]); stores the state *before* each chunk (HS[c], ZS[c]) and the final one.
+        ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        t = tl.arange(0, BT)
+        dk, dv, dk_ok, dv_ok, s_off, s_ok, S, z = _state_block(S0, Z0, bh, ik, iv, DK, DV, HAS_S0, BK, BV)
         K, V = K + bh * T * DK, V + bh * T * DV
         HS, ZS = HS + bh * NC * DK * DV, ZS + bh * NC * DK
         for c in range(0, NC):
@@ -120,14 +127,7 @@ if HAS_TRITON:
         # end they are the gradient of the initial state.
         ik, iv, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         t = tl.arange(0, BT)
-        dk, dv = ik * BK + tl.arange(0, BK), iv * BV + tl.arange(0, BV)
-        dk_ok, dv_ok = dk < DK, dv < DV
-        s_off, s_ok = dk[:, None] * DV + dv[None, :], dk_ok[:, None] & dv_ok[None, :]
-        dS = tl.zeros([BK, BV], dtype=tl.float32)
-        dz = tl.zeros([BK], dtype=tl.float32)
-        if HAS_DST:
-            dS += tl.load(DST + bh * DK * DV + s_off, mask=s_ok, other=0.0)
-            dz += tl.load(DZT + bh * DK + dk, mask=dk_ok, other=0.0)
+        dk, dv, dk_ok, dv_ok, s_off, s_ok, dS, dz = _state_block(DST, DZT, bh, ik, iv, DK, DV, HAS_DST, BK, BV)
         Q, DO, DEN, HG = Q + bh * T * DK, DO + bh * T * DV, DEN + bh * T, HG + bh * T
         DHS, DZS = DHS + bh * NC * DK * DV, DZS + bh * NC * DK
         for i in range(0, NC):

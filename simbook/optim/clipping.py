@@ -224,6 +224,14 @@ def _fused_with_grad_scale(optimizer) -> bool:
             and all(group.get("fused") for group in optimizer.param_groups))
 
 
+def _plain_sgd(optimizer) -> bool:
+    """Is `optimizer` SGD without momentum or weight decay (float learning rates)? Then θ − η(c·g) = θ − (ηc)·g:
+    the clip factor c can go into the learning rate, and the gradients are not touched at all."""
+    return type(optimizer) is torch.optim.SGD and all(
+        group.get("momentum", 0) == 0 and group.get("weight_decay", 0) == 0
+        and not isinstance(group["lr"], torch.Tensor) for group in optimizer.param_groups)
+
+
 class ClippedOptimizer:
     """Wrap any torch optimizer so that `step()` first clips the global gradient norm (a `GradientClipper`, kept as
     `.clipper` with its records), then updates. Under `nonfinite="skip"` a step with a NaN/inf gradient norm does
@@ -236,10 +244,13 @@ class ClippedOptimizer:
     step. `param_groups`, `state`, `state_dict()` and the rest come from the wrapped optimizer; give learning-rate
     schedulers `.optimizer`. All parameters must be on one device.
 
-    Around a fused torch optimizer (`Adam`, `AdamW` or `SGD` with `fused=True` in every group) the clip is folded into
-    the optimizer's own pass (`fold="auto"`): the wrapper only measures the norm and, when the clip bites, sets the
-    optimizer's `grad_scale` (the hook `torch.amp.GradScaler` uses) to 1/factor, so that the fused kernel scales each
-    gradient as it reads it; no separate multiply over the gradients. `fold=False` always clips first.
+    The clip is folded into the optimizer's own pass where that is exact (`fold="auto"`), so that the wrapper only
+    measures the norm: around plain SGD (no momentum, no weight decay) a clip that bites multiplies the learning rate
+    of that step by the clip factor (`.fold == "lr"`; the gradients keep their unclipped values); around another
+    fused torch optimizer (`Adam`, `AdamW`, `SGD` with `fused=True` in every group) it sets the optimizer's
+    `grad_scale` (the hook `torch.amp.GradScaler` uses) to 1/factor, so that the fused kernel scales each gradient as
+    it reads it (`.fold == "grad_scale"`; the kernel writes the scaled gradients back). `fold=False` always clips
+    first (`.fold == ""`).
 
     Defined in: *Why gradient clipping speeds up training*, section "A wrapper for any optimizer"."""
 
@@ -251,11 +262,12 @@ class ClippedOptimizer:
             raise TypeError(f"flat must be a bool, got {type(flat).__name__}")
         if fold not in ("auto", True, False):
             raise ValueError(f"fold must be 'auto', True or False, got {fold!r}")
-        fusable = _fused_with_grad_scale(optimizer)
-        if fold is True and not fusable:
-            raise ValueError("fold=True needs a fused torch Adam, AdamW or SGD (fused=True in every parameter group)")
+        how = "lr" if _plain_sgd(optimizer) else "grad_scale" if _fused_with_grad_scale(optimizer) else ""
+        if fold is True and not how:
+            raise ValueError("fold=True needs plain SGD (no momentum, no weight decay) or a fused torch Adam, AdamW "
+                             "or SGD (fused=True in every parameter group)")
         self.optimizer = optimizer
-        self.fold = fusable if fold == "auto" else fold
+        self.fold = how if fold else ""
         self.clipper = GradientClipper(max_norm, mode=mode, nonfinite=nonfinite)
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not self.params:
@@ -301,7 +313,7 @@ class ClippedOptimizer:
 
     def __repr__(self) -> str:
         return (f"ClippedOptimizer({type(self.optimizer).__name__}, {self.clipper!r}, flat={self.flat}, "
-                f"fold={self.fold})")
+                f"fold={self.fold!r})")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if not self.flat:
@@ -333,13 +345,20 @@ class ClippedOptimizer:
         norm, coefficient = self.clipper.measure(grads)
         if not math.isfinite(norm):
             return loss                                         # skipped (nonfinite="skip")
-        if coefficient != 1.0:                                  # the fused kernel divides each gradient by grad_scale
+        groups = self.optimizer.param_groups
+        rates = [group["lr"] for group in groups]
+        if coefficient != 1.0 and self.fold == "lr":            # θ − (η c) g: the step itself does the clipping
+            for group in groups:
+                group["lr"] = group["lr"] * coefficient
+        elif coefficient != 1.0:                                # the fused kernel divides each gradient by grad_scale
             self.optimizer.grad_scale = torch.tensor(1.0 / coefficient, dtype=torch.float32,
                                                      device=self.params[0].device)
         try:
             self.optimizer.step()
         finally:
             self.optimizer.__dict__.pop("grad_scale", None)
+            for group, rate in zip(groups, rates):
+                group["lr"] = rate
         return loss
 
     def state_dict(self) -> dict:
