@@ -18,7 +18,7 @@ Params = dict[str, torch.Tensor]          # parameter tensors by name, as `named
 # %% auto #0
 __all__ = ['Params', 'second_order_step_distribution', 'importance_weights', 'effective_sample_size', 'trainable_parameters',
            'loaded_parameters', 'evaluate_candidates', 'sample_candidates', 'mixture_log_density', 'MGSStep',
-           'surrogate_step', 'mgs_direction', 'apply_direction', 'MGS']
+           'surrogate_step', 'mgs_direction', 'apply_direction', 'MGS', 'reinforce_loss', 'minimum_risk_loss']
 
 # %% ../../nbs/13_mgs.ipynb #c011
 def _check_alpha(alpha) -> float:
@@ -365,3 +365,39 @@ class MGS(torch.optim.Optimizer):
         self.trace.append({"best": float(result.task_losses.min()), "mean": float(result.task_losses.mean()),
                            "ess": result.effective_sample_size})
         return None
+
+# %% ../../nbs/13_mgs.ipynb #812e942e
+def _check_sequence_scores(log_probs, values, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(log_probs, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"log_probs and {name} must be tensors")
+    if log_probs.dim() != 1 or values.shape != log_probs.shape:
+        raise ValueError(f"log_probs and {name} must be 1-d of the same length, got {tuple(log_probs.shape)} "
+                         f"and {tuple(values.shape)}")
+    if log_probs.numel() < 2:
+        raise ValueError("at least 2 sampled sequences are needed")
+    if not torch.isfinite(values).all() or torch.isnan(log_probs).any():
+        raise ValueError(f"{name} must be finite and log_probs not NaN")
+    return log_probs, values.detach().to(log_probs.dtype)
+
+
+def reinforce_loss(log_probs: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
+    """Policy-gradient loss on n >= 2 sampled sequences: -mean((r_i - b_i) log p(y_i)), b_i the mean of the
+    other rewards (leave-one-out baseline); its negative gradient is an unbiased estimate of grad E[r].
+
+    Defined in: *Optimisation seen through sampling*, section "MGS and policy gradient".
+    """
+    log_probs, rewards = _check_sequence_scores(log_probs, rewards, "rewards")
+    n = rewards.numel()
+    baseline = (rewards.sum() - rewards) / (n - 1)
+    return -((rewards - baseline) * log_probs).mean()
+
+
+def minimum_risk_loss(log_probs: torch.Tensor, risks: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Minimum-risk training: expected risk sum_i q_i c_i under q = softmax(alpha * log p(y_i)), the model
+    sharpened by alpha and renormalised over the n >= 2 sampled candidates.
+
+    Defined in: *Optimisation seen through sampling*, section "MGS and policy gradient".
+    """
+    log_probs, risks = _check_sequence_scores(log_probs, risks, "risks")
+    alpha = _check_alpha(alpha)
+    return (torch.softmax(alpha * log_probs, dim=0) * risks).sum()
