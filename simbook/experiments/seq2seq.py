@@ -4,9 +4,7 @@
 from __future__ import annotations
 
 import json
-import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,7 +18,7 @@ from ..simbert import SimBert, pretrained_small_bert_path
 from ..text import SPECIAL_TOKENS, CharTokenizer, Tokenizer, peoples_daily
 from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
                               init_distributed, is_main_process, resolve_device, start_run)
-from ..utils import check_positive_int, load_state_dict_strict, mean_interval, write_json
+from ..utils import check_positive_int, load_state_dict_strict
 
 # %% auto #0
 __all__ = ['SEQ2SEQ_INITS', 'SEQ2SEQ_VOCABULARIES', 'reversal_pairs', 'ReversalData', 'reversal_data', 'Seq2SeqConfig',
