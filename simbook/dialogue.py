@@ -16,12 +16,13 @@ from .attention.masks import causal_mask
 from .decoding import filter_log_probs, greedy, language_model_loss, sample, stream
 from .models.gpt import GPT
 from .text import SPEAKER_TOKENS, Tokenizer, load_tokenizer
-from .utils import CONFIG_NAME, check_positive_int, check_tensor, check_text
+from .utils import CONFIG_NAME, check_positive_int, check_tensor, check_text, mean_interval
 
 # %% auto #0
-__all__ = ['FORMATS', 'DIALOGUE_DECODERS', 'encode_conversations', 'DialogueExample', 'pack_dialogue', 'collate', 'pack_cdial',
-           'training_example', 'batch_loss', 'reply_pairs', 'reply_example', 'mean_nll', 'DialogueDecoder',
-           'banned_ids', 'prompt_example', 'generate_replies', 'ChatSession', 'chat_loop']
+__all__ = ['FORMATS', 'HISTORY_CONDITIONS', 'DIALOGUE_DECODERS', 'encode_conversations', 'DialogueExample', 'pack_dialogue',
+           'collate', 'pack_cdial', 'training_example', 'batch_loss', 'reply_pairs', 'reply_example', 'mean_nll',
+           'history_conditions', 'reply_nlls', 'history_effect', 'DialogueDecoder', 'banned_ids', 'prompt_example',
+           'generate_replies', 'ChatSession', 'chat_loop']
 
 # %% ../nbs/09_dialogpt.ipynb #c020
 def encode_conversations(tokenizer: Tokenizer, conversations: Sequence[list[str]]) -> list[list[list[int]]]:
@@ -117,8 +118,9 @@ def pack_cdial(history: Sequence[Sequence[int]], reply: Sequence[int], *, cls_id
     """The CDial-GPT layout `[CLS] [speaker1] h1 [speaker2] h2 ... [speaker_k] reply [SEP]`: speakers alternate from
     the first history utterance kept, segment ids follow the speaker (`[CLS]` gets 0), and only the reply and its
     `[SEP]` are targets. History is left-truncated to the newest `max_history` utterances that fit `max_length`;
-    an oversized reply keeps its first tokens. Defined in: *Build a DialoGPT*, section "The CDial-GPT format"."""
-    _check_turns(history, "history")
+    an oversized reply keeps its first tokens; an empty history gives `[CLS] [speaker1] reply [SEP]`. Defined in: *Build a DialoGPT*, section "The CDial-GPT format"."""
+    if not (isinstance(history, Sequence) and not isinstance(history, (str, bytes)) and len(history) == 0):
+        _check_turns(history, "history")                         # an empty history: the conversation's opening
     _check_turns([reply], "reply")
     check_positive_int(max_history, "max_history")
     _check_max_length(max_length, 4)
@@ -215,7 +217,8 @@ def reply_pairs(conversations: Sequence[list[list[int]]], *, per_conversation: i
 def reply_example(history: Sequence[Sequence[int]], reply: Sequence[int], tokenizer: Tokenizer, *, max_length: int,
                   fmt: str = "dialogpt", keep: str = "latest") -> DialogueExample:
     """A (history, reply) pair in either format with only the reply and its `[SEP]` supervised; the history is
-    truncated by `keep` (DialoGPT layout only: "latest" or "earliest"). Defined in: *Build a DialoGPT*, section
+    truncated by `keep` (DialoGPT layout only: "latest" or "earliest"). An empty history scores the reply as the
+    opening of a conversation. Defined in: *Build a DialoGPT*, section
     "Held-out perplexity"."""
     if fmt == "cdial":
         return pack_cdial(history, reply, cls_id=tokenizer.cls_id, sep_id=tokenizer.sep_id,
@@ -225,7 +228,7 @@ def reply_example(history: Sequence[Sequence[int]], reply: Sequence[int], tokeni
     reply = list(reply)[:max_length - 3]                         # as pack_cdial: an oversized reply keeps its head
     cls_id, sep_id = tokenizer.cls_id, tokenizer.sep_id
     past = pack_dialogue(history, cls_id=cls_id, sep_id=sep_id, max_length=max_length - len(reply) - 1, keep=keep) \
-        if len(reply) + 4 <= max_length else None
+        if len(history) and len(reply) + 4 <= max_length else None
     ids, segments = (past.input_ids, past.segment_ids) if past is not None else ([cls_id], [0])
     new_segment = 1 - segments[-1] if past is not None else 0
     ids = ids + reply + [sep_id]
@@ -249,6 +252,71 @@ def mean_nll(model: GPT, examples: Sequence[DialogueExample], pad_id: int, *, ba
     if not count:
         raise ValueError("the examples supervise no token")
     return total / count
+
+# %% ../nbs/09_dialogpt.ipynb #c009
+HISTORY_CONDITIONS = ("true", "shuffled", "none")
+
+
+def history_conditions(pairs: Sequence[tuple[Sequence[Sequence[int]], Sequence[int]]], *, seed: int = 0
+                       ) -> dict[str, list[tuple[list, list[int]]]]:
+    """The (history, reply) pairs three ways, the replies unchanged: their own history ("true"), the history of
+    another pair ("shuffled": one cycle through a seeded random order, so no pair keeps its own), and none ("none").
+    Defined in: *Build a DialoGPT*, section "Does a reply depend on its history?"."""
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence) or len(pairs) < 2:
+        raise ValueError("history_conditions needs a list of at least 2 (history, reply) pairs")
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    donor = [0] * len(pairs)
+    for k, i in enumerate(order):
+        donor[i] = order[(k + 1) % len(order)]                   # each pair takes the next one's history in the cycle
+    return {"true": [(list(h), list(r)) for h, r in pairs],
+            "shuffled": [(list(pairs[donor[i]][0]), list(r)) for i, (_, r) in enumerate(pairs)],
+            "none": [([], list(r)) for _, r in pairs]}
+
+
+@torch.no_grad()
+def reply_nlls(model: GPT, examples: Sequence[DialogueExample], pad_id: int, *, batch_size: int = 64
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the summed next-token NLL of its supervised tokens (float64 `[N]`) and their number (`[N]`);
+    `nll.sum() / tokens.sum()` is `mean_nll`. Defined in: *Build a DialoGPT*, section "Does a reply depend on its
+    history?"."""
+    check_positive_int(batch_size, "batch_size")
+    if not len(examples):
+        raise ValueError("no examples")
+    model.eval()
+    device = next(model.parameters()).device
+    sums, counts = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        logits = model(batch["input_ids"], mask=causal_mask(batch["valid"]), segment_ids=batch["segment_ids"])
+        picked = logits.float().log_softmax(-1)[:, :-1].gather(-1, batch["input_ids"][:, 1:, None])[..., 0]
+        targets = batch["supervised"][:, 1:]
+        sums.append(-(picked * targets).double().sum(1).cpu())
+        counts.append(targets.sum(1).cpu())
+    return torch.cat(sums), torch.cat(counts)
+
+
+def history_effect(model: GPT, tokenizer: Tokenizer, pairs, *, max_length: int, fmt: str = "dialogpt",
+                   seed: int = 0, batch_size: int = 64) -> dict:
+    """Reply loss (nats per token) of held-out pairs under each of `HISTORY_CONDITIONS`, and the differences
+    "shuffled - true" and "none - true", each {"mean", "sd", "low", "high", "n"} with the 95% interval over pairs
+    of the ratio estimator (delta method). Defined in: *Build a DialoGPT*, section "Does a reply depend on its
+    history?"."""
+    nll, tokens = {}, None
+    for name, condition in history_conditions(pairs, seed=seed).items():
+        examples = [reply_example(h, r, tokenizer, max_length=max_length, fmt=fmt) for h, r in condition]
+        nll[name], count = reply_nlls(model, examples, tokenizer.pad_id, batch_size=batch_size)
+        if tokens is not None and not torch.equal(count, tokens):
+            raise AssertionError("a reply was scored on different tokens under two conditions")
+        tokens = count
+    n = tokens.double()
+    result = {"pairs": len(pairs), "tokens": int(n.sum())}
+    result.update({name: float(v.sum() / n.sum()) for name, v in nll.items()})
+    for other in ("shuffled", "none"):
+        d = nll[other] - nll["true"]
+        delta = float(d.sum() / n.sum())
+        pseudo = delta + (d - delta * n) / n.mean()             # mean exactly delta; sd = the linearised error
+        result[f"{other} - true"] = mean_interval(pseudo.tolist())
+    return result
 
 # %% ../nbs/09_dialogpt.ipynb #c050
 class DialogueDecoder:
