@@ -3,11 +3,13 @@
 # %% ../../nbs/09b_dialogpt_experiments.ipynb #c003
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,20 +17,22 @@ from pathlib import Path
 import torch
 
 from ..dialogue import (DIALOGUE_DECODERS, FORMATS, ChatSession, batch_loss, chat_loop, collate,
-                              encode_conversations, generate_replies, mean_nll, reply_example, reply_pairs,
-                              training_example)
+                              encode_conversations, generate_replies, history_effect, mean_nll, reply_example,
+                              reply_pairs, training_example)
 from ..decoding import repetition_stats
 from ..models.gpt import GPT
 from ..models.transformer import TransformerConfig
 from ..text import ByteBPETokenizer, CharTokenizer, Tokenizer, save_tokenizer
 from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, init_distributed,
                               is_main_process, resolve_device, start_run)
-from ..utils import check_positive_int, seed_everything
+from ..utils import check_positive_int, mean_interval, seed_everything, write_json
 
 # %% auto #0
-__all__ = ['CORPORA', 'chitchat_conversations', 'chatterbot_conversations', 'read_lccc', 'split_conversations',
+__all__ = ['CORPORA', 'OPENINGS', 'chitchat_conversations', 'chatterbot_conversations', 'read_lccc', 'split_conversations',
            'new_dialogue_model', 'TrainingLog', 'train_dialogue_model', 'reply_statistics', 'load_corpus',
-           'DialoGPTConfig', 'train_chatbot', 'format_decoder_table', 'register_cli']
+           'DialoGPTConfig', 'train_chatbot', 'format_decoder_table', 'chat_transcript', 'format_history',
+           'register_cli', 'DialogueCompareConfig', 'comparison_data', 'run_comparison_member',
+           'run_dialogue_comparison', 'summarize_comparison', 'format_comparison']
 
 # %% ../../nbs/09b_dialogpt_experiments.ipynb #c006
 _SPACES = re.compile(r"\s+")
@@ -295,9 +299,10 @@ def train_chatbot(config: DialoGPTConfig, *, conversations: Sequence[list[str]] 
     out, the vocabulary learned on the rest (`config.conversations` of them at most), a dialogue GPT trained by
     `train_dialogue_model` (held-out reply loss every `config.eval_every` steps), then the held-out reply perplexity
     and the replies of every decoder of `DIALOGUE_DECODERS` (Dist-1/2, mean length, share that ended) on one reply
-    per held-out conversation, decoded on the CPU.
+    per held-out conversation, decoded on the CPU; and the reply loss of those pairs with the true, a shuffled and no
+    history (`history_effect` of *Build a DialoGPT*).
 
-    Returns {"model", "tokenizer", "log", "train", "held_out", "reply_perplexity", "decoders"}.
+    Returns {"model", "tokenizer", "log", "train", "held_out", "reply_perplexity", "decoders", "history"}.
     Defined in: *DialoGPT experiments*, section "A longer run: `simbook dialogpt-train`"."""
     if not isinstance(config, DialoGPTConfig):
         raise TypeError(f"config must be a DialoGPTConfig, got {type(config).__name__}")
@@ -323,7 +328,9 @@ def train_chatbot(config: DialoGPTConfig, *, conversations: Sequence[list[str]] 
                                resume=resume, config=config)
     model = model.cpu().eval()
     results = {"model": model, "tokenizer": tok, "log": log, "train": train_ids, "held_out": test_ids,
-               "reply_perplexity": math.exp(log.evaluations[-1][1]), "decoders": {}}
+               "reply_perplexity": math.exp(log.evaluations[-1][1]), "decoders": {},
+               "history": history_effect(model, tok, pairs, max_length=config.max_length, fmt=config.format,
+                                         seed=seed)}
     for name in DIALOGUE_DECODERS:
         replies, finished = generate_replies(model, tok, [h for h, _ in pairs], decoder=name,
                                              max_new_tokens=config.max_new_tokens, seed=seed)
@@ -341,6 +348,35 @@ def format_decoder_table(decoders: dict) -> str:
                      f"{row['ended']:>6.2f}")
     return "\n".join(lines)
 
+# %% ../../nbs/09b_dialogpt_experiments.ipynb #c019
+OPENINGS = {"chitchat": ["hi! how are you doing today?", "what do you like to do for fun?", "do you have any pets?",
+                         "what kind of music do you listen to?"],
+            "chatterbot-zh": ["你好", "你喜欢什么运动？", "今天天气怎么样？", "你叫什么名字？"]}
+OPENINGS["lccc"] = OPENINGS["chatterbot-zh"]
+
+
+def chat_transcript(model: GPT, tokenizer: Tokenizer, messages: Sequence[str], *, seed: int = 0,
+                    max_reply_tokens: int = 24) -> list[tuple[str, str]]:
+    """One multi-turn `ChatSession` (the post's top-k 5 sampling, seeded) fed `messages` in turn: a list of
+    ("you", message) and ("bot", reply) lines. Defined in: *DialoGPT experiments*, section "A longer run: `simbook
+    dialogpt-train`"."""
+    session = ChatSession(model, tokenizer, max_reply_tokens=max_reply_tokens, top_k=5, seed=seed)
+    lines = []
+    for message in messages:
+        lines += [("you", message), ("bot", "".join(session.respond(message)).strip())]
+    return lines
+
+
+def format_history(effect: dict) -> str:
+    """`history_effect`'s result as two lines of text. Defined in: *DialoGPT experiments*, section "A longer run:
+    `simbook dialogpt-train`"."""
+    rows = [f"{effect['pairs']} held-out replies, nats/token: true history {effect['true']:.3f}, "
+            f"shuffled {effect['shuffled']:.3f}, none {effect['none']:.3f}"]
+    rows.append("; ".join(f"{name} {effect[name]['mean']:+.3f} [{effect[name]['low']:+.3f}, "
+                          f"{effect[name]['high']:+.3f}]" for name in ("shuffled - true", "none - true")))
+    return "\n".join(rows)
+
+
 # %% ../../nbs/09b_dialogpt_experiments.ipynb #c037
 def _train_cli(args) -> int:
     config = config_from_args(DialoGPTConfig, args)
@@ -357,6 +393,8 @@ def _train_cli(args) -> int:
     decoders = {name: {k: round(v, 4) for k, v in row.items() if k != "replies"}
                 for name, row in results["decoders"].items()}
     record.data["decoders"] = decoders                           # the decoder table, beside the final metrics
+    record.data["history"] = results["history"]
+    record.data["transcript"] = chat_transcript(results["model"], tok, OPENINGS[config.corpus], seed=args.seed)
     record.finish(train_loss_last_50=round(sum(last) / len(last), 4),
                   reply_perplexity=round(results["reply_perplexity"], 3), vocabulary=tok.vocab_size,
                   train_conversations=len(results["train"]), held_out_conversations=len(results["held_out"]))
@@ -369,6 +407,9 @@ def _train_cli(args) -> int:
     print(f"training loss (mean of the last {len(last)} steps): {sum(last) / len(last):.3f}")
     print(f"held-out reply perplexity: {results['reply_perplexity']:.2f}")
     print(format_decoder_table(results["decoders"]))
+    print(format_history(results["history"]))
+    for speaker, text in record.data["transcript"]:
+        print(f"{speaker}> {text}")
     print(f"saved to {save} (talk to it: simbook chat --checkpoint {save})")
     return 0
 
@@ -384,7 +425,7 @@ def _chat_cli(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add `simbook dialogpt-train` and `simbook chat`. Defined in: *DialoGPT experiments*, section "A longer run:
+    """Add `simbook dialogpt-train`, `simbook dialogpt-compare` and `simbook chat`. Defined in: *DialoGPT experiments*, section "A longer run:
     `simbook dialogpt-train`"."""
     p = subparsers.add_parser("dialogpt-train", help="train a dialogue GPT on shipped conversations, save it",
                               description="Train a DialoGPT-style GPT (whole conversations, speaker segments) on the "
@@ -394,6 +435,7 @@ def register_cli(subparsers) -> None:
     add_config_arguments(p, DialoGPTConfig)
     add_run_arguments(p, name="dialogpt-train")
     p.set_defaults(run=_train_cli)
+    _add_compare_parser(subparsers)
 
     c = subparsers.add_parser("chat", help="chat with a trained dialogue model in the terminal",
                               description="Multi-turn chat with a model saved by simbook dialogpt-train. Replies are "
@@ -409,3 +451,215 @@ def register_cli(subparsers) -> None:
     c.add_argument("--max-reply-tokens", type=int, default=32, help="longest reply in tokens (default: 32)")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     c.set_defaults(run=_chat_cli)
+
+# %% ../../nbs/09b_dialogpt_experiments.ipynb #c022
+@dataclass
+class DialogueCompareConfig:
+    """The layout comparison of `simbook dialogpt-compare`: a model of each format in `formats` trained for each seed
+    at equal steps and batch size (so equal positions processed, the compute) on the same split and vocabulary, then
+    scored on the held-out replies with the true, a shuffled and no history. The defaults are the recorded run;
+    `small()` is a preset of seconds.
+
+    Defined in: *DialoGPT experiments*, section "The two layouts over seeds: `simbook dialogpt-compare`"."""
+    corpus: str = field(default="chitchat", metadata={"help": "training conversations", "choices": CORPORA})
+    path: str | None = field(default=None, metadata={"help": "the LCCC JSON file (with --corpus lccc)"})
+    conversations: int | None = field(default=None, metadata={"help": "use at most this many training conversations"})
+    held_out: int = field(default=200, metadata={"help": "conversations held out for evaluation"})
+    vocab_size: int = field(default=2000, metadata={"help": "vocabulary size"})
+    steps: int = field(default=1000, metadata={"help": "training steps of every model"})
+    batch_size: int = field(default=16, metadata={"help": "sequences per step"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate"})
+    width: int = field(default=128, metadata={"help": "model width"})
+    layers: int = field(default=2, metadata={"help": "Transformer layers"})
+    heads: int = field(default=4, metadata={"help": "attention heads"})
+    max_length: int = field(default=128, metadata={"help": "positions per sequence"})
+    evaluations: int = field(default=5, metadata={"help": "held-out evaluations per model (the last at the end)"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "training seeds"})
+    formats: tuple[str, ...] = field(default=FORMATS, metadata={"help": "layouts to train: dialogpt, cdial"})
+
+    def __post_init__(self):
+        if self.corpus not in CORPORA:
+            raise ValueError(f"corpus must be one of {CORPORA}, got {self.corpus!r}")
+        for name in ("held_out", "vocab_size", "steps", "batch_size", "width", "layers", "heads", "max_length",
+                     "evaluations"):
+            check_positive_int(getattr(self, name), name)
+        if self.conversations is not None:
+            check_positive_int(self.conversations, "conversations")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a positive finite number, got {self.lr!r}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        if not self.formats or any(f not in FORMATS for f in self.formats) or len(set(self.formats)) != len(self.formats):
+            raise ValueError(f"formats must be distinct values of {FORMATS}, got {self.formats}")
+
+    @classmethod
+    def small(cls, **changes) -> "DialogueCompareConfig":
+        return cls(**{"conversations": 300, "held_out": 40, "vocab_size": 400, "steps": 30, "batch_size": 8,
+                      "lr": 3e-3, "width": 32, "layers": 1, "heads": 2, "max_length": 64, "evaluations": 2,
+                      "seeds": (0, 1), **changes})
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(format, seed) in training order: seed-major, so that a partial run has whole seeds."""
+        return [(fmt, seed) for seed in self.seeds for fmt in self.formats]
+
+    def member_config(self) -> dict:
+        """What every member must share to be pooled (the seeds and formats may grow)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seeds", "formats")}
+
+
+def comparison_data(config: DialogueCompareConfig) -> dict:
+    """The split (held-out conversations drawn with seed 0, the same for every member), the byte-level BPE vocabulary
+    (characters for the Chinese corpora) learned on the training part, and one held-out reply per conversation.
+    Defined in: *DialoGPT experiments*, section "The two layouts over seeds: `simbook dialogpt-compare`"."""
+    train_text, test_text = split_conversations(load_corpus(config.corpus, config.path), config.held_out, seed=0)
+    if config.conversations is not None:
+        train_text = train_text[:config.conversations]
+    utterances = [u for c in train_text for u in c]
+    tok = ByteBPETokenizer.train(utterances, vocab_size=config.vocab_size) if config.corpus == "chitchat" else \
+        CharTokenizer.build(utterances, max_size=config.vocab_size)
+    test_ids = encode_conversations(tok, test_text)
+    return {"tokenizer": tok, "train": encode_conversations(tok, train_text), "pairs": reply_pairs(test_ids, seed=0)}
+
+
+def run_comparison_member(fmt: str, seed: int, config: DialogueCompareConfig, data: dict, *, device: str = "auto",
+                          progress: bool | None = False) -> dict:
+    """Train one layout for one seed and score it: held-out reply loss along the way (against positions processed)
+    and at the end with the true, a shuffled and no history. Returns a JSON-ready dict.
+
+    Defined in: *DialoGPT experiments*, section "The two layouts over seeds: `simbook dialogpt-compare`"."""
+    began = time.perf_counter()
+    tok, pairs = data["tokenizer"], data["pairs"]
+    examples = [reply_example(h, r, tok, max_length=config.max_length, fmt=fmt) for h, r in pairs]
+    model = new_dialogue_model(tok.vocab_size, width=config.width, layers=config.layers, heads=config.heads,
+                               max_length=config.max_length, seed=seed)
+    log = train_dialogue_model(model, tok, data["train"], steps=config.steps, batch_size=config.batch_size,
+                               lr=config.lr, fmt=fmt, seed=seed, device=device, progress=progress,
+                               eval_every=max(1, config.steps // config.evaluations),
+                               evaluate=lambda m: mean_nll(m, examples, tok.pad_id))
+    model = model.cpu().eval()
+    effect = history_effect(model, tok, pairs, max_length=config.max_length, fmt=fmt, seed=seed)
+    return {"format": fmt, "seed": seed, "config": config.member_config(), "reply_loss": effect["true"],
+            "history": effect, "positions": log.positions[-1], "supervised": log.supervised[-1],
+            "curve": [[p, round(loss, 5)] for p, loss in log.evaluations],
+            "train_loss_last_50": sum(log.losses[-50:]) / len(log.losses[-50:]),
+            "seconds": round(time.perf_counter() - began, 1)}
+
+
+def run_dialogue_comparison(config: DialogueCompareConfig, *, device: str = "auto", save_dir=None,
+                            deadline: float | None = None, progress: bool | None = False) -> list[dict]:
+    """Every (format, seed) of `config.runs()`, each written to `save_dir/members/<format>-seed<k>.json` when done;
+    members already there are read back, not retrained (one made with another configuration is refused).
+    `deadline` (a `time.time()`): start no member after it. Returns the members done.
+
+    Defined in: *DialoGPT experiments*, section "The two layouts over seeds: `simbook dialogpt-compare`"."""
+    data, members = None, []
+    for fmt, seed in config.runs():
+        path = None if save_dir is None else Path(save_dir) / "members" / f"{fmt}-seed{seed}.json"
+        if path is not None and path.is_file():
+            member = json.loads(path.read_text(encoding="utf-8"))
+            if member.get("config") != json.loads(json.dumps(config.member_config())):
+                raise ValueError(f"{path} was made with another configuration; choose another --save folder")
+            members.append(member)
+            continue
+        if deadline is not None and time.time() > deadline:
+            break
+        if data is None:
+            data = comparison_data(config)
+        member = run_comparison_member(fmt, seed, config, data, device=device, progress=progress)
+        if path is not None:
+            write_json(path, member)
+        members.append(member)
+    return members
+
+
+# %% ../../nbs/09b_dialogpt_experiments.ipynb #c023
+def summarize_comparison(members: Sequence[dict]) -> dict:
+    """Pool members over seeds. For each format: the held-out reply loss and the two history effects
+    ("shuffled - true", "none - true"), each {"n", "mean", "sd", "low", "high"} over seeds (t interval; with one seed
+    sd 0 and no interval). And the seed-by-seed difference of reply loss, dialogpt - cdial, over the seeds both have.
+
+    Defined in: *DialoGPT experiments*, section "The two layouts over seeds: `simbook dialogpt-compare`"."""
+    def pooled(values):
+        values = list(values)
+        if len(values) >= 2:
+            return mean_interval(values)
+        return {"n": len(values), "mean": values[0] if values else None, "sd": 0.0, "low": None, "high": None}
+
+    by_format: dict[str, dict[int, dict]] = {}
+    for m in members:
+        by_format.setdefault(m["format"], {})[m["seed"]] = m
+    summary = {"formats": {}, "difference": None}
+    for fmt, seeds in by_format.items():
+        rows = [seeds[k] for k in sorted(seeds)]
+        summary["formats"][fmt] = {"reply_loss": pooled(r["reply_loss"] for r in rows),
+                                   "positions": sum(r["positions"] for r in rows) / len(rows),
+                                   "supervised": sum(r["supervised"] for r in rows) / len(rows),
+                                   **{name: pooled(r["history"][name]["mean"] for r in rows)
+                                      for name in ("shuffled - true", "none - true")}}
+    if set(FORMATS) <= set(by_format):
+        shared = sorted(set(by_format["dialogpt"]) & set(by_format["cdial"]))
+        if shared:
+            summary["difference"] = pooled(by_format["dialogpt"][k]["reply_loss"] - by_format["cdial"][k]["reply_loss"]
+                                           for k in shared)
+    return summary
+
+
+def format_comparison(summary: dict) -> str:
+    """The pooled comparison as text: mean ± sd over n seeds, and the 95% interval of each history effect and of
+    the difference between layouts. Defined in: *DialoGPT experiments*, section "The two layouts over seeds:
+    `simbook dialogpt-compare`"."""
+    def interval(row):
+        return f"[{row['low']:+.3f}, {row['high']:+.3f}]" if row["low"] is not None else "(one seed)"
+
+    lines = [f"{'format':>9} {'n':>2} {'reply loss':>15} {'ppl':>6} {'shuffled - true':>32} {'none - true':>32}"]
+    for fmt, row in summary["formats"].items():
+        loss = row["reply_loss"]
+        cells = [f"{row[name]['mean']:+.3f} ± {row[name]['sd']:.3f} {interval(row[name])}"
+                 for name in ("shuffled - true", "none - true")]
+        lines.append(f"{fmt:>9} {loss['n']:>2} {loss['mean']:>7.3f} ± {loss['sd']:.3f} {math.exp(loss['mean']):>6.1f} "
+                     f"{cells[0]:>32} {cells[1]:>32}")
+    if summary["difference"] is not None:
+        d = summary["difference"]
+        lines.append(f"reply loss, dialogpt - cdial (paired by seed, n = {d['n']}): {d['mean']:+.3f} ± {d['sd']:.3f} "
+                     f"{interval(d)}")
+    return "\n".join(lines)
+
+
+# %% ../../nbs/09b_dialogpt_experiments.ipynb #c024
+def _compare_cli(args) -> int:
+    config = config_from_args(DialogueCompareConfig, args)
+    load_corpus(config.corpus, config.path)                    # a missing corpus fails before anything is written
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    args.seed, args.resume, args.checkpoint_every = config.seeds[0], False, None   # members are the checkpoints
+    record = start_run(args, config, name="dialogpt-compare")
+    members = run_dialogue_comparison(config, device=args.device, save_dir=args.save, deadline=deadline,
+                                      progress=False if args.no_progress else None)
+    done, summary = len(members) == len(config.runs()), summarize_comparison(members)
+    if is_main_process():
+        print(format_comparison(summary))
+        if not done:
+            print(f"{len(members)} of {len(config.runs())} models done: run the same command again to continue")
+    record.finish(complete=done, members=len(members), model_seconds=round(sum(m["seconds"] for m in members), 1),
+                  summary=summary)
+    return 0
+
+
+def _add_compare_parser(subparsers) -> None:
+    p = subparsers.add_parser("dialogpt-compare", help="DialoGPT vs CDial-GPT layout at equal compute, over seeds, "
+                                                       "and how much each model uses its history",
+                              description="Train a dialogue GPT in each layout for each seed (same split, vocabulary, "
+                                          "steps and batch size), score held-out replies with the true, a shuffled "
+                                          "and no history, and pool the seeds (mean, sd, t interval; the paired "
+                                          "difference between layouts). Each finished model's scores are written to "
+                                          "<save>/members/ at once and reused when the command is run again.")
+    add_config_arguments(p, DialogueCompareConfig)
+    g = p.add_argument_group("run options")
+    g.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N (default: auto)")
+    g.add_argument("--save", metavar="DIR", default="runs/dialogpt-compare",
+                   help="folder for members/ and record.json (default: runs/dialogpt-compare)")
+    g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
+    g.add_argument("--minutes", type=float, default=None,
+                   help="start no new model after this many minutes; run the same command again to continue")
+    p.set_defaults(run=_compare_cli)
+
