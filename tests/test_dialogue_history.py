@@ -2,7 +2,10 @@
 (simbook.dialogue, *Build a DialoGPT*, "Does a reply depend on its history?") on synthetic conversations where the
 answer is known: a model trained where the reply repeats the history's letter must show a large effect, one trained
 where the reply is independent of the history must not."""
+import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -11,7 +14,8 @@ from hypothesis import strategies as st
 
 from simbook.dialogue import (HISTORY_CONDITIONS, encode_conversations, history_conditions, history_effect, mean_nll,
                               reply_example, reply_nlls, reply_pairs)
-from simbook.experiments.dialogpt import new_dialogue_model, train_dialogue_model
+from simbook.experiments.dialogpt import (DialogueCompareConfig, format_comparison, new_dialogue_model,
+                                          summarize_comparison, train_dialogue_model)
 from simbook.text import SPEAKER_TOKENS, SPECIAL_TOKENS, ByteBPETokenizer, CharTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
@@ -113,3 +117,54 @@ def test_an_empty_history_scores_the_reply_as_an_opening(bpe):
 def test_bad_pairs_are_refused(pairs, error):
     with pytest.raises(error, match="at least 2"):
         history_conditions(pairs)
+
+
+def test_compare_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="formats"):
+        DialogueCompareConfig(formats=("dialogpt", "whole"))
+    with pytest.raises(ValueError, match="seeds"):
+        DialogueCompareConfig(seeds=(1, 1))
+    with pytest.raises(ValueError, match="steps"):
+        DialogueCompareConfig(steps=0)
+    assert DialogueCompareConfig().runs()[:2] == [("dialogpt", 0), ("cdial", 0)]     # seed-major
+
+
+def test_summary_pairs_the_layouts_by_seed():
+    def member(fmt, seed, loss):
+        effect = {"mean": 0.1 * seed}
+        return {"format": fmt, "seed": seed, "reply_loss": loss, "positions": 100, "supervised": 50,
+                "history": {"shuffled - true": effect, "none - true": effect}}
+
+    members = [member("dialogpt", 0, 4.0), member("cdial", 0, 4.5), member("dialogpt", 1, 5.0),
+               member("cdial", 1, 5.2), member("dialogpt", 2, 3.0)]              # seed 2 has no cdial model
+    summary = summarize_comparison(members)
+    assert summary["difference"]["n"] == 2 and abs(summary["difference"]["mean"] - (-0.35)) < 1e-12
+    assert summary["formats"]["dialogpt"]["reply_loss"]["n"] == 3
+    assert "dialogpt - cdial (paired by seed, n = 2)" in format_comparison(summary)
+
+
+def test_compare_cli_runs_resumes_and_refuses_another_configuration(tmp_path):
+    def run(*options):
+        command = [sys.executable, "-m", "simbook.cli", "dialogpt-compare", "--conversations", "40", "--held-out",
+                   "8", "--vocab-size", "300", "--batch-size", "4", "--width", "16", "--layers", "1", "--heads", "2",
+                   "--max-length", "48", "--evaluations", "1", "--save", str(tmp_path), "--no-progress",
+                   "--threads", "1", *options]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    stopped = run("--steps", "2", "--seeds", "0", "--minutes", "0")
+    assert stopped.returncode == 0 and "0 of 2 models done" in stopped.stdout, stopped.stderr
+    first = run("--steps", "2", "--seeds", "0")
+    assert first.returncode == 0 and "dialogpt - cdial (paired by seed, n = 1)" in first.stdout, first.stderr
+    member = tmp_path / "members" / "cdial-seed0.json"
+    written = member.stat().st_mtime_ns
+    second = run("--steps", "2", "--seeds", "0", "1")                     # seed 0's models are read back
+    assert second.returncode == 0, second.stderr
+    record = json.loads((tmp_path / "record.json").read_text(encoding="utf-8"))
+    assert record["final"]["complete"] and record["final"]["members"] == 4 and member.stat().st_mtime_ns == written
+    assert record["final"]["summary"]["difference"]["n"] == 2
+    saved = json.loads(member.read_text(encoding="utf-8"))
+    assert saved["history"]["pairs"] == 8 and set(saved["history"]) >= {"true", "shuffled", "none"}
+    other = run("--steps", "3", "--seeds", "0")
+    assert other.returncode == 2 and "another configuration" in other.stderr
+    bad = run("--steps", "0")
+    assert bad.returncode == 2 and "steps" in bad.stderr
