@@ -21,8 +21,8 @@ from ..utils import check_positive_int, check_tensor, mean_interval, wilson_inte
 # %% auto #0
 __all__ = ['ATTRIBUTION_METHODS', 'NEGATIVE_LEXICON', 'ERROR_QUANTILES', 'sentiment_reviews', 'CharCNNClassifier',
            'SentimentConfig', 'train_sentiment_classifier', 'explain_review', 'attribute_reviews', 'relative_errors',
-           'lexicon_positions', 'negative_top_k', 'IGStudyConfig', 'measure_reviews', 'ig_study', 'plot_completeness',
-           'format_ig_study', 'register_cli']
+           'first_order_gap', 'lexicon_positions', 'negative_top_k', 'IGStudyConfig', 'measure_reviews', 'ig_study',
+           'plot_completeness', 'format_ig_study', 'register_cli']
 
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c033
 def sentiment_reviews(directory: str | Path | None = None) -> tuple[list[str], list[int]]:
@@ -187,9 +187,10 @@ def attribute_reviews(model: CharCNNClassifier, tokenizer: CharTokenizer, texts:
         raise ValueError("texts must be a non-empty list of reviews")
     check_positive_int(batch_size, "batch_size")
     check_positive_int(max_chars, "max_chars")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not "".join(text.split()):
+            raise ValueError(f"review {i} has no characters: {text!r}")
     lengths = [min(len(tokenizer.encode(t)), max_chars) for t in texts]           # characters read
-    if min(lengths) < 1:
-        raise ValueError(f"review {lengths.index(min(lengths))} has no characters")
     log_odds = lambda ids, valid: model(ids, valid).diff(dim=-1).squeeze(-1)
     order = sorted(range(len(texts)), key=lengths.__getitem__)       # similar lengths share a batch: less padding
     scores, change, error = [None] * len(texts), torch.empty(len(texts)), torch.empty(len(texts))
@@ -221,6 +222,20 @@ def relative_errors(attributed: dict, *, min_change: float = 1e-6) -> torch.Tens
     return relative.masked_fill(change.abs() < min_change, float("nan"))
 
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c008
+def first_order_gap(model: CharCNNClassifier, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The completeness error of gradient × input for the character CNN, in closed form: with head weights
+    $h=W_{+}-W_{-}$, convolution biases $b$ and $a_k=1$ when channel $k$ is positive somewhere in the review,
+    $\\sum_k h_k\\,(\\max(b_k,0)-a_k b_k)$ — the intercept of the model's affine piece at $x$ minus its value at the
+    baseline, `[B]`. Defined in: *Integrated gradients experiments*, section "Completeness over the held-out set"."""
+    check_tensor(valid, "valid", shape=tuple(input_ids.shape), dtype="bool")
+    with torch.no_grad():
+        h = torch.relu(model.conv(model.token_embedding(input_ids).transpose(1, 2)))          # [B, K, T]
+        active = h.masked_fill(~valid[:, None, :], 0).amax(-1) > 0                            # [B, K]
+        head = model.head.weight[1] - model.head.weight[0]
+        bias = model.conv.bias
+        return (head * (torch.relu(bias) - active * bias)).sum(-1)
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c012
 NEGATIVE_LEXICON = {
     # characters
     "不": "not", "没": "not (have), without", "差": "poor, bad", "慢": "slow", "难": "hard; bad (难吃, 难用)",
@@ -270,7 +285,7 @@ def negative_top_k(text: str, scores, *, k: int = 3, max_chars: int = 64, lexico
     return {"hit": any(marked[t] for t in top), "contains": m > 0,
             "chance": 1 - math.comb(len(chars) - m, k) / math.comb(len(chars), k)}
 
-# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c012
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c016
 @dataclass
 class IGStudyConfig:
     """The measurements of `ig_study` / `simbook ig-study`; the defaults are the full run (every held-out review,
@@ -311,7 +326,7 @@ class IGStudyConfig:
         """The notebook's preset: two seeds, 400 training steps, 300 held-out reviews each."""
         return replace(cls(seeds=(0, 1), train_steps=400, reviews=300), **changes)
 
-# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c013
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c017
 ERROR_QUANTILES = (0.5, 0.9, 0.99)                  # of the relative completeness error, per seed
 
 
@@ -396,7 +411,7 @@ def ig_study(config: IGStudyConfig | None = None, *, device: str = "auto", recor
                                         - r["top_k"]["positive reviews"]["share"])}
     return {"seeds": per_seed, "errors": {name: torch.cat(e) for name, e in pooled.items()}, "summary": summary}
 
-# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c015
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c018
 def plot_completeness(errors: dict, *, path: str | Path | None = None, title: str | None = None):
     """The empirical CDF of the relative completeness error of each method (`ig_study`'s "errors"), log x-axis;
     saved as PNG to `path` when given. Returns the matplotlib figure.
@@ -439,7 +454,7 @@ def format_ig_study(summary: dict) -> str:
     lines.append(f"  share, negative minus positive reviews (paired by seed): {iv(summary['share_difference'], '{:+.3f}')}")
     return "\n".join(lines)
 
-# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c016
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c019
 def _study_cli(args) -> int:
     if args.resume:
         raise ValueError("--resume: ig-study trains a few short classifiers and keeps no checkpoint: run it again")
