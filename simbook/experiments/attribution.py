@@ -463,10 +463,13 @@ def _study_cli(args) -> int:
     result = ig_study(config, device=args.device, record=record, progress=False if args.no_progress else None)
     save, s = Path(args.save), result["summary"]
     figure = save / "completeness.png"
-    plot_completeness(result["errors"], path=figure)
+    if is_main_process():                               # under torchrun: one process draws and reports
+        plot_completeness(result["errors"], path=figure)
     record.finish(summary=s, figure=figure.name, accuracy=s["accuracy"]["mean"],
                   **{f"{name}: median relative error": stats["q50"]["mean"]
                      for name, stats in s["completeness"].items()})
+    if not is_main_process():
+        return 0
     print(format_ig_study(s))
     print(f"record: {save / 'record.json'}; figure: {figure}")
     return 0
