@@ -444,12 +444,15 @@ def format_ig_study(summary: dict) -> str:
     iv = lambda s, f="{:.3g}": f"{f.format(s['mean'])} [{f.format(s['low'])}, {f.format(s['high'])}]"
     lines = [f"relative completeness error per review, mean over {n} seeds [95% t interval]:",
              f"  {'method':<17} {'median':>26} {'90th percentile':>26} {'99th percentile':>26} {'mean':>26}"]
-    for name, stats in summary["completeness"].items():
+    order = lambda name: (0, 0) if name == "gradient x input" else (1, int(name.split()[1]))   # "IG, m steps"
+    for name in sorted(summary["completeness"], key=order):
+        stats = summary["completeness"][name]
         lines.append(f"  {name:<17} " + " ".join(f"{iv(stats[k]):>26}" for k in ("q50", "q90", "q99", "mean")))
     lines.append(f"top-k characters towards negative hold a negative-lexicon character, mean over {n} seeds "
                  f"[95% t interval]:")
     lines.append(f"  {'reviews':<17} {'share':>26} {'with a lexicon character':>26} {'chance (random k)':>26}")
-    for c, s in summary["top_k"].items():
+    for c in ("positive reviews", "negative reviews"):
+        s = summary["top_k"][c]
         lines.append(f"  {c:<17} " + " ".join(f"{iv(s[k], '{:.3f}'):>26}" for k in ("share", "contains", "chance")))
     lines.append(f"  share, negative minus positive reviews (paired by seed): {iv(summary['share_difference'], '{:+.3f}')}")
     return "\n".join(lines)
