@@ -24,6 +24,7 @@ from simbook.experiments.attribution import (NEGATIVE_LEXICON, CharCNNClassifier
 from simbook.utils import mean_interval, wilson_interval
 
 captum_attr = pytest.importorskip("captum.attr")
+pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients:UserWarning")
 
 POSITIVE = ["这个商品让我很满意", "质量很好，非常满意", "物流很快，满意", "很满意，推荐购买", "满意的一次购物",
             "包装不错，满意", "价格便宜，很满意", "客服热情，满意"] * 3
