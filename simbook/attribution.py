@@ -15,7 +15,7 @@ from .utils import check_positive_int, check_tensor
 
 # %% auto #0
 __all__ = ['METHODS', 'AUTO_CHUNK_BYTES', 'AUTO_MIN_STEPS', 'quadrature', 'integrated_gradients', 'layer_integrated_gradients',
-           'attribution_html']
+           'gradient_x_input', 'attribution_html']
 
 # %% ../nbs/11_integrated_gradients.ipynb #c009
 METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
@@ -346,6 +346,23 @@ def layer_integrated_gradients(forward: Callable, layer: nn.Module, inputs, base
     if not return_convergence_delta:
         return attributions
     return attributions, attributions.reshape(batch, -1).sum(1) - (ends[:batch] - ends[batch:])
+
+# %% ../nbs/11_integrated_gradients.ipynb #c034
+def gradient_x_input(forward: Callable, inputs, baselines=None, *, layer: nn.Module | None = None, target=None,
+                     additional_forward_args=None, return_convergence_delta: bool = False):
+    """The first-order (Taylor) split of $F(x)-F(x')$: $\\nabla F(x)\\odot(x-x')$, the gradient at the input times the
+    displacement from the baseline (gradient × input for a zero baseline). Its sum misses $F(x)-F(x')$ by the
+    second-order remainder of Taylor's expansion, returned per example `[B]` with `return_convergence_delta=True`.
+
+    It is integrated gradients with one node at $\\alpha=1$ (`method="riemann_right", n_steps=1`) and takes the same
+    arguments as `integrated_gradients`; with `layer` (a module of `forward`) it attributes at that layer's output
+    like `layer_integrated_gradients`. Defined in: *Integrated gradients*, section "Gradient × input: the first-order
+    split"."""
+    common = dict(target=target, additional_forward_args=additional_forward_args, n_steps=1, method="riemann_right",
+                  return_convergence_delta=return_convergence_delta)
+    if layer is None:
+        return integrated_gradients(forward, inputs, baselines, **common)
+    return layer_integrated_gradients(forward, layer, inputs, baselines, **common)
 
 # %% ../nbs/11_integrated_gradients.ipynb #c039
 def attribution_html(tokens: list[str], scores, *, scale: float | None = None) -> str:

@@ -20,6 +20,7 @@ COMMANDS = {
     "vae": ["vae", "--epochs", "1", "--batch-size", "100", "--classifier-epochs", "1", "--held-out", "100"],
     "ig-sentiment": ["ig-sentiment", "--steps", "3", "--batch-size", "8", "--held-out", "50", "--explain", "1",
                      "--eval-every", "3", "--width", "8", "--channels", "8"],
+    "ig-study": ["ig-study", "--seeds", "0", "1", "--train-steps", "2", "--reviews", "10", "--ig-steps", "2"],
     "simbert-pretrain": ["simbert", "pretrain", "--steps", "2", "--batch-size", "8", "--hidden-size", "32",
                          "--num-layers", "1", "--num-heads", "2"],
     "simbert-train": ["simbert", "train", "--steps", "2", "--batch-pairs", "4", "--no-eval"],

