@@ -612,7 +612,8 @@ def format_comparison(summary: dict) -> str:
         return f"[{row['low']:+.3f}, {row['high']:+.3f}]" if row["low"] is not None else "(one seed)"
 
     lines = [f"{'format':>9} {'n':>2} {'reply loss':>15} {'ppl':>6} {'shuffled - true':>32} {'none - true':>32}"]
-    for fmt, row in summary["formats"].items():
+    for fmt in [f for f in FORMATS if f in summary["formats"]]:
+        row = summary["formats"][fmt]
         loss = row["reply_loss"]
         cells = [f"{row[name]['mean']:+.3f} ± {row[name]['sd']:.3f} {interval(row[name])}"
                  for name in ("shuffled - true", "none - true")]
