@@ -629,21 +629,23 @@ def format_compare_table(summary: dict, *, baseline: str = "MLE") -> str:
     evaluations"."""
     def cell(p, digits):
         if p["mean"] is None:
-            return f"{'-':>30}"
-        if p["sd"] is None:
-            return f"{p['mean']:>12.{digits}f}{'(one seed)':>18}"
-        return f"{p['mean']:>8.{digits}f} ± {p['sd']:<6.{digits}f} [{p['low']:.{digits}f}, {p['high']:.{digits}f}]"
+            text = "-"
+        elif p["sd"] is None:
+            text = f"{p['mean']:.{digits}f} (one seed)"
+        else:
+            text = f"{p['mean']:.{digits}f} ± {p['sd']:.{digits}f} [{p['low']:.{digits}f}, {p['high']:.{digits}f}]"
+        return f"{text:>34}"
 
     rows = ["pretrained", *summary["methods"]]
     lines = [f"{'':<11}{'n':>2} {'repeat-4 of greedy continuations':>34} {'held-out perplexity':>34}"]
     for name in rows:
         s = summary["scores"][name]
-        lines.append(f"{name:<11}{s['repeat_4']['n']:>2} {cell(s['repeat_4'], 3):>34} {cell(s['perplexity'], 1):>34}")
+        lines.append(f"{name:<11}{s['repeat_4']['n']:>2} {cell(s['repeat_4'], 3)} {cell(s['perplexity'], 1)}")
     if summary["differences"]:
         lines.append(f"difference from {baseline}, paired by seed")
-        for name, d in summary["differences"].items():
-            lines.append(f"{name:<11}{d['repeat_4']['n']:>2} {cell(d['repeat_4'], 3):>34} "
-                         f"{cell(d['perplexity'], 1):>34}")
+        for name in [m for m in COMPARE_METHODS if m in summary["differences"]]:
+            d = summary["differences"][name]
+            lines.append(f"{name:<11}{d['repeat_4']['n']:>2} {cell(d['repeat_4'], 3)} {cell(d['perplexity'], 1)}")
     return "\n".join(lines)
 
 # %% ../../nbs/13b_mgs_experiments.ipynb #c026
