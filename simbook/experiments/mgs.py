@@ -3,26 +3,32 @@
 # %% ../../nbs/13b_mgs_experiments.ipynb #c002
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..attention.masks import causal_mask
-from ..decoding import (StepDecoder, greedy, language_model_loss, non_termination_ratio, perplexity,
-                              repetition_stats)
+from ..decoding import (DecodingOutput, StepDecoder, greedy, language_model_loss, non_termination_ratio,
+                              perplexity, repetition_stats, sample)
 from .decoding import paragraph_corpus, train_language_model
 from ..models.gpt import GPT
 from ..optim.clipping import GradientClipper
-from ..optim.mgs import MGS, _check_alpha, loaded_parameters
+from ..optim.mgs import MGS, _check_alpha, loaded_parameters, minimum_risk_loss, reinforce_loss
 from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
-                              start_run)
-from ..utils import check_positive_int
+                              resolve_device, start_run)
+from ..utils import check_positive_int, check_tensor, mean_interval, write_json
 
 # %% auto #0
-__all__ = ['DIGITS_METHODS', 'load_digits_split', 'zero_one_error', 'DigitsConfig', 'digits_experiment', 'greedy_repetition',
-           'RepetitionConfig', 'repetition_experiment', 'format_repetition_table', 'register_cli']
+__all__ = ['DIGITS_METHODS', 'COMPARE_METHODS', 'COMPARE_METRICS', 'load_digits_split', 'zero_one_error', 'DigitsConfig',
+           'digits_experiment', 'greedy_repetition', 'RepetitionConfig', 'repetition_experiment',
+           'format_repetition_table', 'CompareConfig', 'sequence_log_probs', 'sequence_repetition', 'pretrain_start',
+           'finetune_member', 'run_compare', 'summarize_compare', 'format_compare_table', 'register_cli']
 
 # %% ../../nbs/13b_mgs_experiments.ipynb #c005
 def load_digits_split(*, test_fraction: float = 0.2, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -329,9 +335,352 @@ def _run_cli(args) -> int:
     return 0
 
 
+# %% ../../nbs/13b_mgs_experiments.ipynb #c020
+COMPARE_METHODS = ("MLE", "MGS", "REINFORCE", "MRT")
+COMPARE_METRICS = ("repeat_4", "perplexity", "non_termination", "mean_length")
+
+
+@dataclass
+class CompareConfig(RepetitionConfig):
+    """The comparison of fine-tuning methods at equal model evaluations (`simbook mgs-compare`): the fields of
+    `RepetitionConfig` (the model, data, MGS and step settings) and the policy-gradient baselines' own. The defaults
+    are the recorded run; `small()` is the chapter's live run.
+
+    Defined in: *MGS experiments*, section "Four fine-tunings at equal model evaluations"."""
+    samples: int = field(default=4, metadata={"help": "sampled continuations per prompt (REINFORCE, MRT)"})
+    temperature: float = field(default=0.5, metadata={"help": "sampling temperature of REINFORCE and MRT"})
+    policy_weight: float = field(default=1.0, metadata={"help": "weight of the REINFORCE / MRT loss beside MLE"})
+    mrt_alpha: float = field(default=0.5, metadata={"help": "MRT sharpness of the model over its samples"})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "seeds (each: a pretraining and all methods)"})
+    methods: tuple[str, ...] = field(default=COMPARE_METHODS, metadata={"help": "methods: MLE MGS REINFORCE MRT"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int(self.samples, "samples", minimum=2)
+        for name in ("policy_weight", "mrt_alpha", "temperature"):
+            _check_positive(getattr(self, name), name)
+        self.seeds, self.methods = tuple(self.seeds), tuple(self.methods)
+        if not self.seeds or not self.methods:
+            raise ValueError("need at least one seed and one method")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {self.seeds}")
+        if len(set(self.seeds)) < len(self.seeds) or len(set(self.methods)) < len(self.methods):
+            raise ValueError("seeds and methods must not repeat")
+        unknown = [m for m in self.methods if m not in COMPARE_METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(COMPARE_METHODS)}")
+        if (self.num_candidates * self.batch_size) % (2 * self.samples):
+            raise ValueError(f"num_candidates * batch_size = {self.num_candidates * self.batch_size} must be a "
+                             f"multiple of 2 * samples = {2 * self.samples}: REINFORCE and MRT spend the same budget "
+                             f"on prompts x samples continuations, each sampled and scored")
+
+    @classmethod
+    def small(cls, **changes) -> CompareConfig:
+        """The chapter's live run: `RepetitionConfig.small()`'s sizes, 20 fine-tuning steps, two seeds."""
+        return cls(**{**dict(pretrain_steps=150, finetune_steps=20, width=48, max_chars=32, cap=40, num_prompts=100,
+                             seeds=(0, 1)), **changes})
+
+    @property
+    def prompts_per_step(self) -> int:
+        """P: prompts whose continuations REINFORCE and MRT sample (n = `samples` each) at every step."""
+        return self.num_candidates * self.batch_size // (2 * self.samples)
+
+    @property
+    def passes_per_step(self) -> int:
+        """Sequence passes every method spends per step: (K + 1) B, what MGS needs."""
+        return (self.num_candidates + 1) * self.batch_size
+
+    def member_config(self) -> dict:
+        """What every member must share to be pooled (the seeds and methods may grow)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("seeds", "methods")}
+
+# %% ../../nbs/13b_mgs_experiments.ipynb #c021
+def sequence_log_probs(model: nn.Module, prompts: torch.Tensor, continuations: DecodingOutput, *,
+                       temperature: float = 1.0) -> torch.Tensor:
+    """$\\log p_\\theta(y\\mid x)$ of each decoded continuation `[N]` given its prompt `prompts [N, T]` (no padding),
+    teacher-forced in one differentiable forward pass: the sum over the continuation's tokens (its `<eos>`
+    included, the padding after it excluded) of the log-softmax of the logits divided by `temperature` (the
+    distribution that `sample(..., temperature=...)` draws from).
+
+    Defined in: *MGS experiments*, section "Four fine-tunings at equal model evaluations"."""
+    if not isinstance(continuations, DecodingOutput):
+        raise TypeError(f"continuations must be a DecodingOutput, got {type(continuations).__name__}")
+    check_tensor(prompts, "prompts", shape=("N", None), dtype="int")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature > 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    tokens, lengths = continuations.tokens.to(prompts.device), continuations.lengths.to(prompts.device)
+    if tokens.shape[0] != prompts.shape[0]:
+        raise ValueError(f"{prompts.shape[0]} prompts but {tokens.shape[0]} continuations")
+    T, L = prompts.shape[1], tokens.shape[1]
+    ids = torch.cat([prompts, tokens], 1)
+    kept = torch.arange(L, device=ids.device)[None] < lengths[:, None]                  # [N, L]
+    valid = torch.cat([torch.ones_like(prompts, dtype=torch.bool), kept], 1)
+    logits = model(ids, mask=causal_mask(valid))
+    picked = (logits[:, T - 1:-1] / temperature).log_softmax(-1).gather(-1, tokens[..., None])[..., 0]    # position t predicts t + 1
+    return picked.masked_fill(~kept, 0.0).sum(1)
+
+
+def sequence_repetition(sequences: list[list[int]]) -> list[float]:
+    """The repeat-4 of each sequence on its own (0 for one shorter than 5 tokens): the risk of one sampled
+    continuation, for REINFORCE and MRT. Defined in: *MGS experiments*, section "Four fine-tunings at equal model
+    evaluations"."""
+    return [repetition_stats([s], n=4)["repeated_4grams"] for s in sequences]
+
+
+def _held_out_metrics(model: nn.Module, corpus, c: RepetitionConfig) -> dict:
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = corpus.prompts(corpus.test[:c.num_prompts]).to(device)
+    tok = corpus.tokenizer
+    return {**greedy_repetition(model, prompts, max_new_tokens=c.cap, eos_id=tok.sep_id, pad_id=tok.pad_id),
+            "perplexity": perplexity(model, tok, corpus.test, max_chars=c.max_chars)}
+
+
+def pretrain_start(config: CompareConfig, corpus, *, seed: int, device="cpu", progress: bool | None = False):
+    """The shared start of one seed: a GPT pretrained by MLE as in `repetition_experiment`. Returns the model and
+    its held-out metrics. Defined in: *MGS experiments*, section "Four fine-tunings at equal model evaluations"."""
+    from simbook.models.transformer import TransformerConfig
+
+    c = config
+    torch.manual_seed(seed)
+    model = GPT(TransformerConfig(vocab_size=corpus.tokenizer.vocab_size, hidden_size=c.width, num_layers=c.layers,
+                                  num_heads=4, intermediate_size=4 * c.width,
+                                  max_position=max(64, c.prompt_chars + c.cap + 8), dropout=0.0, pre_norm=True,
+                                  activation="gelu_tanh"))
+    train_language_model(model, corpus.tokenizer, corpus.train, steps=c.pretrain_steps, batch_size=c.batch_size,
+                         lr=c.lr, max_chars=c.max_chars, seed=seed, device=device, progress=progress)
+    return model, _held_out_metrics(model, corpus, c)
+
+# %% ../../nbs/13b_mgs_experiments.ipynb #c023
+def finetune_member(method: str, pretrained: GPT, corpus, config: CompareConfig, *, seed: int, device="cpu",
+                    progress: bool | None = False) -> dict:
+    """Fine-tune a copy of `pretrained` with `method` for `config.finetune_steps` steps through
+    `simbook.training.fit` (SGD with learning rate `step_size`, gradient clipped to norm 1), every method on the same
+    paragraphs (the trainer's seed `seed + 1`) and spending the same $(K+1)B$ sequence passes per step:
+
+    * **MLE** — the MLE gradient on all $(K+1)B$ paragraphs drawn for the step;
+    * **MGS** — the MLE gradient on the first $B$ of them guides $K$ candidates, each decoded greedily on their $B$
+      prompts (the `MGS` optimizer, as in `repetition_experiment`);
+    * **REINFORCE** / **MRT** — the MLE loss on the first $B$ plus `policy_weight` times the policy loss on
+      $n$ = `samples` continuations sampled (at `temperature`) for each of the first $P=KB/(2n)$ prompts and scored by a teacher-forced
+      pass (`reinforce_loss` with reward minus their repeat-4 and the leave-one-out baseline, or
+      `minimum_risk_loss` with risk their repeat-4 and sharpness `mrt_alpha`).
+
+    Returns a JSON-ready member: the held-out metrics, the sequence passes counted where they happen
+    (`{"teacher_forced", "decoded", "total"}`; backward passes are not counted), the seconds, and for MGS the mean
+    effective sample size.
+    Defined in: *MGS experiments*, section "Four fine-tunings at equal model evaluations"."""
+    if method not in COMPARE_METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(COMPARE_METHODS)}")
+    if not isinstance(config, CompareConfig):
+        raise TypeError(f"config must be a CompareConfig, got {type(config).__name__}")
+    c, began = config, time.perf_counter()
+    device = resolve_device(device)
+    tok = corpus.tokenizer
+    eos, pad = tok.sep_id, tok.pad_id
+    B, K, n, P = c.batch_size, c.num_candidates, c.samples, c.prompts_per_step
+    counts = {"teacher_forced": 0, "decoded": 0}
+    model = GPT(pretrained.config)
+    model.load_state_dict(pretrained.state_dict())
+
+    def batch_fn(step, generator):                 # the same (K + 1) B paragraphs per step for every method
+        index = torch.randint(len(corpus.train), (c.passes_per_step,), generator=generator).tolist()
+        texts = [corpus.train[i] for i in index]
+        batch = tok.batch_encode(texts, max_length=c.max_chars + 2)            # [CLS] text [SEP]
+        return {"input_ids": batch["input_ids"], "valid": batch["valid"], "prompts": corpus.prompts(texts)}
+
+    def mle_loss(model, batch, rows=None):
+        ids, valid = batch["input_ids"][:rows], batch["valid"][:rows]
+        counts["teacher_forced"] += ids.shape[0]
+        return language_model_loss(model(ids, mask=causal_mask(valid)), ids, valid)
+
+    def decode(model, prompts, **sampling):
+        model.eval()                               # no dropout anyway; eval lets the decoder take its fast path
+        try:
+            with torch.no_grad():
+                run = sample if sampling else greedy
+                out = run(StepDecoder(model), prompts, max_new_tokens=c.cap, eos_id=eos, pad_id=pad, **sampling)
+        finally:
+            model.train()
+        counts["decoded"] += prompts.shape[0]
+        return out
+
+    optimizer, before_update, loss_fn = (lambda ps: torch.optim.SGD(ps, lr=c.step_size)), None, mle_loss
+    if method == "MGS":
+        def task(params, batch):
+            with loaded_parameters(model, params):
+                return repetition_stats(decode(model, batch["prompts"][:B]).to_lists(), n=4)["repeated_4grams"]
+
+        optimizer = MGS(model, task, lr=c.step_size, num_candidates=K, alpha=c.alpha, noise=c.noise,
+                        relative_noise=True, vectorize=False, generator=torch.Generator(device).manual_seed(seed + 2))
+
+        def before_update(model, batch, step):
+            optimizer.set_batch(batch)
+
+        def loss_fn(model, batch):
+            return mle_loss(model, batch, B)
+    elif method in ("REINFORCE", "MRT"):
+        generator = torch.Generator(device).manual_seed(seed + 3)
+
+        def loss_fn(model, batch):
+            prompts = batch["prompts"][:P].repeat_interleave(n, 0)               # [P n, T]
+            out = decode(model, prompts, generator=generator, temperature=c.temperature)
+            log_p = sequence_log_probs(model, prompts, out, temperature=c.temperature)
+            counts["teacher_forced"] += prompts.shape[0]
+            risk = torch.tensor(sequence_repetition(out.to_lists()), dtype=log_p.dtype, device=log_p.device)
+            if method == "REINFORCE":
+                policy = [reinforce_loss(log_p[i:i + n], -risk[i:i + n]) for i in range(0, P * n, n)]
+            else:
+                policy = [minimum_risk_loss(log_p[i:i + n], risk[i:i + n], c.mrt_alpha) for i in range(0, P * n, n)]
+            return mle_loss(model, batch, B) + c.policy_weight * torch.stack(policy).mean()
+
+    fit(model, loss_fn, batch_fn, steps=c.finetune_steps, optimizer=optimizer, clip=GradientClipper(1.0),
+        before_update=before_update, seed=seed + 1, device=device, progress=progress, desc=f"{method} seed {seed}")
+    member = {"method": method, "seed": seed, "config": c.member_config(),
+              "metrics": _held_out_metrics(model, corpus, c),
+              "passes": {**counts, "total": counts["teacher_forced"] + counts["decoded"]},
+              "seconds": round(time.perf_counter() - began, 1)}
+    if method == "MGS":
+        member["mgs_mean_ess"] = sum(t["ess"] for t in optimizer.trace) / len(optimizer.trace)
+    return member
+
+# %% ../../nbs/13b_mgs_experiments.ipynb #c024
+def run_compare(config: CompareConfig | None = None, *, device="auto", save_dir=None, deadline: float | None = None,
+                progress: bool | None = False) -> list[dict]:
+    """Every (seed, method) of `config`: per seed one pretraining (`pretrain_start`), then each method from that
+    start (`finetune_member`). Each member is written to `save_dir/members/<method>-seed<k>.json` when done;
+    members already there are read back, not rerun (one made with another configuration is refused). `deadline`
+    (a `time.time()`): start no member after it. Returns the members done, seed by seed.
+
+    Defined in: *MGS experiments*, section "Four fine-tunings at equal model evaluations"."""
+    config = CompareConfig() if config is None else config
+    if not isinstance(config, CompareConfig):
+        raise TypeError(f"config must be a CompareConfig, got {type(config).__name__}")
+    device = resolve_device(device)
+    corpus, results = None, []
+    for seed in config.seeds:
+        start = None
+        for method in config.methods:
+            path = None if save_dir is None else Path(save_dir) / "members" / f"{method}-seed{seed}.json"
+            if path is not None and path.is_file():
+                member = json.loads(path.read_text(encoding="utf-8"))
+                if member.get("config") != config.member_config():
+                    raise ValueError(f"{path} was made with another configuration; choose another --save folder")
+                results.append(member)
+                continue
+            if deadline is not None and time.time() > deadline:
+                return results
+            if corpus is None:
+                corpus = paragraph_corpus(prompt_chars=config.prompt_chars, max_chars=config.max_chars,
+                                          vocab=config.vocab, min_test=config.num_prompts)
+            if start is None:
+                began = time.perf_counter()
+                start = pretrain_start(config, corpus, seed=seed, device=device, progress=progress)
+                pretrain_seconds = round(time.perf_counter() - began, 1)
+            member = finetune_member(method, start[0], corpus, config, seed=seed, device=device, progress=progress)
+            member.update(pretrained=start[1], pretrain_seconds=pretrain_seconds)
+            if path is not None:
+                write_json(path, member)
+            results.append(member)
+    return results
+
+
+def _pooled(values: list[float]) -> dict:
+    if len(values) >= 2:
+        return mean_interval(values)
+    return {"n": len(values), "mean": values[0] if values else None, "sd": None, "low": None, "high": None}
+
+
+def summarize_compare(members: list[dict], *, baseline: str = "MLE") -> dict:
+    """Pool members over seeds: for the pretrained start and each method, every metric of `COMPARE_METRICS` as
+    `{"n", "mean", "sd", "low", "high"}` (95% t interval; no interval with one seed), each method's difference from
+    `baseline` paired by seed, and its sequence passes per step.
+
+    Defined in: *MGS experiments*, section "Four fine-tunings at equal model evaluations"."""
+    by_method: dict[str, dict[int, dict]] = {}
+    starts: dict[int, dict] = {}
+    passes: dict[str, set] = {}
+    for m in members:
+        by_method.setdefault(m["method"], {})[m["seed"]] = m["metrics"]
+        starts[m["seed"]] = m["pretrained"]
+        steps = m["config"]["finetune_steps"]
+        passes.setdefault(m["method"], set()).add(m["passes"]["total"] / steps)
+    methods = [name for name in COMPARE_METHODS if name in by_method]
+    summary = {"seeds": sorted(starts), "methods": methods,
+               "passes_per_step": {name: sorted(passes[name]) for name in methods},
+               "scores": {"pretrained": {k: _pooled([starts[s][k] for s in sorted(starts)]) for k in COMPARE_METRICS}},
+               "differences": {}}
+    for name in methods:
+        seeds = by_method[name]
+        summary["scores"][name] = {k: _pooled([seeds[s][k] for s in sorted(seeds)]) for k in COMPARE_METRICS}
+    base = by_method.get(baseline, {})
+    for name in methods:
+        shared = sorted(set(by_method[name]) & set(base))
+        if name != baseline and shared:
+            summary["differences"][name] = {k: _pooled([by_method[name][s][k] - base[s][k] for s in shared])
+                                            for k in COMPARE_METRICS}
+    return summary
+
+
+def format_compare_table(summary: dict, *, baseline: str = "MLE") -> str:
+    """The pooled comparison as text: mean ± sd [95% t interval] over n seeds, then the differences from
+    `baseline`, paired by seed. Defined in: *MGS experiments*, section "Four fine-tunings at equal model
+    evaluations"."""
+    def cell(p, digits):
+        if p["mean"] is None:
+            text = "-"
+        elif p["sd"] is None:
+            text = f"{p['mean']:.{digits}f} (one seed)"
+        else:
+            text = f"{p['mean']:.{digits}f} ± {p['sd']:.{digits}f} [{p['low']:.{digits}f}, {p['high']:.{digits}f}]"
+        return f"{text:>34}"
+
+    rows = ["pretrained", *summary["methods"]]
+    lines = [f"{'':<11}{'n':>2} {'repeat-4 of greedy continuations':>34} {'held-out perplexity':>34}"]
+    for name in rows:
+        s = summary["scores"][name]
+        lines.append(f"{name:<11}{s['repeat_4']['n']:>2} {cell(s['repeat_4'], 3)} {cell(s['perplexity'], 1)}")
+    if summary["differences"]:
+        lines.append(f"difference from {baseline}, paired by seed")
+        for name in [m for m in COMPARE_METHODS if m in summary["differences"]]:
+            d = summary["differences"][name]
+            lines.append(f"{name:<11}{d['repeat_4']['n']:>2} {cell(d['repeat_4'], 3)} {cell(d['perplexity'], 1)}")
+    return "\n".join(lines)
+
+# %% ../../nbs/13b_mgs_experiments.ipynb #c026
+def _run_compare_cli(args) -> int:
+    config = config_from_args(CompareConfig, args)
+    if args.minutes is not None:
+        _check_positive(args.minutes, "--minutes")
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    args.resume = False                                  # finished members in <save>/members are always reused
+    record = start_run(args, config, name="mgs-compare")
+    progress = False if args.no_progress else None
+    members = run_compare(config, device=args.device, save_dir=args.save, deadline=deadline, progress=progress)
+    planned = len(config.seeds) * len(config.methods)
+    summary = summarize_compare(members)
+    record.finish(complete=len(members) == planned, members=len(members), planned=planned,
+                  passes_per_step=config.passes_per_step,
+                  model_seconds=round(sum(m["seconds"] for m in members), 1), summary=summary,
+                  results=[{k: m[k] for k in ("method", "seed", "metrics", "pretrained", "passes", "seconds")}
+                           for m in members])
+    if not is_main_process():
+        return 0
+    print(f"{len(members)} of {planned} members; every method spent {config.passes_per_step} sequence passes per "
+          f"step for {config.finetune_steps} steps")
+    if members:
+        print(format_compare_table(summary))
+    if len(members) < planned:
+        print("run the same command again to continue")
+    print(f"record: {record.path}")
+    return 0
+
+# %% ../../nbs/13b_mgs_experiments.ipynb #c027
 def register_cli(subparsers) -> None:
-    """Add `simbook mgs`: the options of `RepetitionConfig` (its defaults are the full run) and the run options
-    (`--device --seed --save --resume ...`). Defined in: *MGS experiments*, section "The `simbook mgs` command"."""
+    """Add `simbook mgs` (the options of `RepetitionConfig`) and `simbook mgs-compare` (those of `CompareConfig`,
+    and `--minutes`), each with the run options (`--device --seed --save --resume ...`); the configurations'
+    defaults are the full runs. Defined in: *MGS experiments*, section "The `simbook mgs-compare` command"."""
     p = subparsers.add_parser("mgs", help="fine-tune a small GPT with MGS against repetition, compare with MLE",
                               description="Pretrain a GPT on People's Daily paragraphs, then fine-tune it by MLE "
                                           "alone and by MLE-guided parameter search (MGS) on the repetition of its "
@@ -339,3 +688,20 @@ def register_cli(subparsers) -> None:
     add_config_arguments(p, RepetitionConfig)
     add_run_arguments(p, name="mgs", checkpoint_every=None)
     p.set_defaults(run=_run_cli)
+
+    q = subparsers.add_parser("mgs-compare", help="MLE, MGS, REINFORCE and MRT fine-tuning at equal model "
+                                                  "evaluations, over seeds",
+                              description="For each seed, pretrain a GPT on People's Daily paragraphs, then fine-tune "
+                                          "it from that start by MLE, MGS, REINFORCE (leave-one-out baseline) and "
+                                          "minimum-risk training, each spending (K + 1) x batch-size sequence passes "
+                                          "per step; report the repeat-4 of greedy continuations and the held-out "
+                                          "perplexity over seeds (mean, sd, t interval) and each method's "
+                                          "difference from MLE paired by seed. Each finished (method, seed) is "
+                                          "written to <save>/members/ at once and reused when the command is run "
+                                          "again (so --resume changes nothing); --seed seeds only the setup, the "
+                                          "comparison's seeds are --seeds.")
+    add_config_arguments(q, CompareConfig)
+    add_run_arguments(q, name="mgs-compare", checkpoint_every=None)
+    q.add_argument("--minutes", type=float, default=None,
+                   help="start no new member after this many minutes; run the command again to continue")
+    q.set_defaults(run=_run_compare_cli)
