@@ -330,7 +330,7 @@ def seq2seq_model(init: str, tokenizer: CharTokenizer, *, seed: int = 0, hidden_
     return model.train(), tokenizer
 
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c001
-SEQ2SEQ_INIT_PAIRS = (("bert", "random-bert"), ("minilm", "random-minilm"))
+SEQ2SEQ_INIT_PAIRS = (("bert", "random-bert"), ("bert", "scratch"), ("minilm", "random-minilm"))
 
 
 @dataclass
@@ -456,8 +456,8 @@ def summarize_seq2seq_init(members: Sequence[dict], *, thresholds: Sequence[floa
     """Pool members over seeds. For each start: the final exact match and held-out loss ({"n", "mean", "sd",
     "low", "high"}, t interval), and for each threshold the steps to reach it (`reached` of `n` seeds; the interval
     only when every seed reached it); the curves (mean, min and max over seeds at each evaluated step). For each pair
-    of `SEQ2SEQ_INIT_PAIRS` present, the seed-by-seed difference (pre-trained minus random) of the same quantities
-    and of the exact match at every evaluated step.
+    of `SEQ2SEQ_INIT_PAIRS` present, the seed-by-seed difference (pre-trained minus the other start: seed k of
+    both saw the same batches) of the same quantities and of the exact match at every evaluated step.
 
     Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
     by_init: dict[str, dict[int, list]] = {}
@@ -595,7 +595,8 @@ def _register_init_cli(subparsers) -> None:
                               description="Fine-tune each start under the UniLM mask with one recipe, for each seed; "
                                           "log held-out loss and exact match against steps; pool the seeds (mean, "
                                           "sd, t interval; steps to reach an exact match of 0.5 and 0.9; paired "
-                                          "differences pre-trained minus random). Each finished model is written to "
+                                          "differences: bert minus random-bert and minus scratch, minilm minus "
+                                          "random-minilm). Each finished model is written to "
                                           "<save>/members/ at once and reused when the command is run again.")
     add_config_arguments(p, Seq2SeqInitConfig)
     add_run_arguments(p, name="seq2seq-init", checkpoint_every=None)
