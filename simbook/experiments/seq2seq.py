@@ -329,7 +329,7 @@ def seq2seq_model(init: str, tokenizer: CharTokenizer, *, seed: int = 0, hidden_
         load_state_dict_strict(model, state)
     return model.train(), tokenizer
 
-# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c001
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c111
 SEQ2SEQ_INIT_PAIRS = (("bert", "random-bert"), ("bert", "scratch"), ("minilm", "random-minilm"))
 
 
@@ -389,7 +389,7 @@ class Seq2SeqInitConfig:
         """What every member must share to be pooled (the starts and seeds may grow)."""
         return {k: v for k, v in asdict(self).items() if k not in ("inits", "seeds")}
 
-# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c002
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c113
 def run_init_member(init: str, seed: int, config: Seq2SeqInitConfig, *, device: str = "auto",
                     progress: bool | None = False) -> dict:
     """Fine-tune one start for one seed (`run_seq2seq` with `config.run_config(init)`). Returns a JSON-ready dict:
@@ -436,7 +436,7 @@ def run_seq2seq_init(config: Seq2SeqInitConfig, *, device: str = "auto", save_di
         results.append(member)
     return results
 
-# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c003
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c114
 def _pooled(values) -> dict:
     # mean, sd and t interval over seeds; one value: its mean, no interval
     values = list(values)
@@ -511,7 +511,7 @@ def summarize_seq2seq_init(members: Sequence[dict], *, thresholds: Sequence[floa
         summary["differences"][f"{a} - {b}"] = diff
     return summary
 
-# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c004
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c115
 def _fmt(row: dict, digits: int = 3) -> str:
     if row["mean"] is None:
         return "-"
@@ -526,13 +526,14 @@ def format_seq2seq_init_table(summary: dict) -> str:
     Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
     thresholds = summary["thresholds"]
     rows = [["start", "seeds", "exact match (final)", "held-out loss (final)", *[f"steps to {t}" for t in thresholds]]]
-    for init, row in summary["inits"].items():
-        steps = []
+    for init in [i for i in SEQ2SEQ_INITS if i in summary["inits"]]:     # a record's keys come back sorted
+        row, steps = summary["inits"][init], []
         for t in thresholds:
             s = row["steps_to"][str(t)]
             steps.append(_fmt(s, 0) if s["reached"] == s["n"] else f"reached by {s['reached']} of {s['n']}")
         rows.append([init, str(len(row["seeds"])), _fmt(row["exact_match"]), _fmt(row["held_out_loss"]), *steps])
-    for name, d in summary["differences"].items():
+    for name in [f"{a} - {b}" for a, b in SEQ2SEQ_INIT_PAIRS if f"{a} - {b}" in summary["differences"]]:
+        d = summary["differences"][name]
         rows.append([f"{name} (paired)", str(len(d["seeds"])), _fmt(d["exact_match"]), _fmt(d["held_out_loss"]),
                      *[_fmt(d["steps_to"][str(t)], 0) for t in thresholds]])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -548,7 +549,8 @@ def plot_seq2seq_init(summary: dict, *, title: str | None = None):
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for init, curve in summary["curves"].items():
+    for init in [i for i in SEQ2SEQ_INITS if i in summary["curves"]]:
+        curve = summary["curves"][init]
         n = len(summary["inits"][init]["seeds"])
         for ax, key in ((left, "held_out_loss"), (right, "exact_match")):
             line, = ax.plot(curve["step"], curve[key]["mean"], marker=".", label=f"{init} ({n} seeds)")
@@ -561,7 +563,7 @@ def plot_seq2seq_init(summary: dict, *, title: str | None = None):
     fig.tight_layout()
     return fig
 
-# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c001
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c120
 def _run_init_cli(args) -> int:
     config = config_from_args(Seq2SeqInitConfig, args)
     if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
