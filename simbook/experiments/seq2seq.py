@@ -541,14 +541,17 @@ def format_seq2seq_init_table(summary: dict) -> str:
                                enumerate(zip(r, widths))).rstrip() for r in rows)
 
 
-def plot_seq2seq_init(summary: dict, *, title: str | None = None):
-    """Held-out loss and exact match against steps: the mean over seeds per start, with a band from the lowest to the
-    highest seed. Returns the matplotlib figure.
+def plot_seq2seq_init(summary: dict, axes=None, *, title: str | None = None):
+    """Held-out loss and exact match against steps on two matplotlib axes (None: a new figure): the mean over seeds
+    per start, with a band from the lowest to the highest seed. Returns the figure.
 
     Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    left, right = axes
+    fig = left.figure
     for init in [i for i in SEQ2SEQ_INITS if i in summary["curves"]]:
         curve = summary["curves"][init]
         n = len(summary["inits"][init]["seeds"])
