@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -18,12 +20,13 @@ from ..simbert import SimBert, pretrained_small_bert_path
 from ..text import SPECIAL_TOKENS, CharTokenizer, Tokenizer, peoples_daily
 from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
                               init_distributed, is_main_process, resolve_device, start_run)
-from ..utils import check_positive_int, load_state_dict_strict
+from ..utils import check_positive_int, load_state_dict_strict, mean_interval, write_json
 
 # %% auto #0
-__all__ = ['SEQ2SEQ_INITS', 'SEQ2SEQ_VOCABULARIES', 'reversal_pairs', 'ReversalData', 'reversal_data', 'Seq2SeqConfig',
-           'new_seq2seq_model', 'evaluate_seq2seq', 'train_seq2seq', 'run_seq2seq', 'register_cli',
-           'checkpoint_characters', 'seq2seq_model']
+__all__ = ['SEQ2SEQ_INITS', 'SEQ2SEQ_VOCABULARIES', 'SEQ2SEQ_INIT_PAIRS', 'reversal_pairs', 'ReversalData', 'reversal_data',
+           'Seq2SeqConfig', 'new_seq2seq_model', 'evaluate_seq2seq', 'train_seq2seq', 'run_seq2seq', 'register_cli',
+           'checkpoint_characters', 'seq2seq_model', 'Seq2SeqInitConfig', 'run_init_member', 'run_seq2seq_init',
+           'steps_to_reach', 'summarize_seq2seq_init', 'format_seq2seq_init_table', 'plot_seq2seq_init']
 
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c006
 def reversal_pairs(sentences: Sequence[str], count: int, *, min_len: int = 3, max_len: int = 8,
@@ -255,6 +258,7 @@ def register_cli(subparsers) -> None:
     add_run_arguments(p, name="seq2seq")
     add_config_arguments(p, Seq2SeqConfig)
     p.set_defaults(run=_run_cli)
+    _register_init_cli(subparsers)                 # `simbook seq2seq-init`, section "From a pre-trained start"
 
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c103
 def _minilm_path() -> Path:
@@ -324,3 +328,283 @@ def seq2seq_model(init: str, tokenizer: CharTokenizer, *, seed: int = 0, hidden_
                 state["bert." + key] = tensor[keep] if key == "embeddings.word.weight" else tensor
         load_state_dict_strict(model, state)
     return model.train(), tokenizer
+
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c111
+SEQ2SEQ_INIT_PAIRS = (("bert", "random-bert"), ("bert", "scratch"), ("minilm", "random-minilm"))
+
+
+@dataclass
+class Seq2SeqInitConfig:
+    """The comparison of starts (`simbook seq2seq-init`): each start of `inits` fine-tuned for `steps` under the UniLM
+    mask for each seed, evaluated every `eval_every` steps. The defaults are the recorded run; `small()` is the
+    chapter's preset.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
+    inits: tuple[str, ...] = field(default=("scratch", "random-bert", "bert"), metadata={
+        "help": "starts to train (random-minilm and minilm run on the task restricted to MiniLM's characters)",
+        "choices": SEQ2SEQ_INITS})
+    seeds: tuple[int, ...] = field(default=(0, 1, 2), metadata={"help": "seeds (data, batches and random weights)"})
+    steps: int = field(default=400, metadata={"help": "training steps of every model"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step"})
+    lr: float = field(default=3e-3, metadata={"help": "AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    pairs: int = field(default=20_000, metadata={"help": "training pairs to cut"})
+    test_pairs: int = field(default=300, metadata={"help": "held-out pairs"})
+    charset: int = field(default=300, metadata={"help": "most frequent characters allowed"})
+    eval_every: int = field(default=25, metadata={"help": "evaluate on the held-out pairs every N steps"})
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "pairs", "test_pairs", "charset", "eval_every"):
+            check_positive_int(getattr(self, name), name)
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not self.inits or not self.seeds:
+            raise ValueError("need at least one start and one seed")
+        unknown = [i for i in self.inits if i not in SEQ2SEQ_INITS]
+        if unknown:
+            raise ValueError(f"unknown starts {unknown}; choose from {list(SEQ2SEQ_INITS)}")
+        if len(set(self.inits)) < len(self.inits) or len(set(self.seeds)) < len(self.seeds):
+            raise ValueError("a start or a seed is repeated")
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in self.seeds):
+            raise ValueError(f"seeds must be integers >= 0, got {self.seeds}")
+
+    @classmethod
+    def small(cls, **changes) -> "Seq2SeqInitConfig":
+        """The chapter's preset: the three starts of the full task, two seeds, 50 steps."""
+        return cls(**{"inits": ("scratch", "random-bert", "bert"), "seeds": (0, 1), "steps": 50, "eval_every": 25,
+                      "test_pairs": 100, **changes})
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(start, seed) in the order they are trained: seed-major, so a partial run has whole seeds."""
+        return [(init, seed) for seed in self.seeds for init in self.inits]
+
+    def run_config(self, init: str) -> Seq2SeqConfig:
+        """The `Seq2SeqConfig` of one start (the minilm starts on `vocabulary="minilm"`)."""
+        return Seq2SeqConfig(mask="unilm", steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                             weight_decay=self.weight_decay, pairs=self.pairs, test_pairs=self.test_pairs,
+                             charset=self.charset, eval_every=self.eval_every, init=init,
+                             vocabulary="minilm" if init.endswith("minilm") else "any")
+
+    def member_config(self) -> dict:
+        """What every member must share to be pooled (the starts and seeds may grow)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("inits", "seeds")}
+
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c113
+def run_init_member(init: str, seed: int, config: Seq2SeqInitConfig, *, device: str = "auto",
+                    progress: bool | None = False) -> dict:
+    """Fine-tune one start for one seed (`run_seq2seq` with `config.run_config(init)`). Returns a JSON-ready dict:
+    at every evaluation the step, the mean training loss since the previous one, the held-out loss and the exact
+    match; the first 10 held-out outputs; the seconds it took.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
+    began = time.perf_counter()
+    run_config = config.run_config(init)
+    result = run_seq2seq(run_config, seed=seed, device=device, progress=progress)
+    losses, evaluations, previous = result["fit"].losses, [], 0
+    for e in result["fit"].evaluations:
+        block = losses[previous:e["step"]]
+        evaluations.append({"step": e["step"], "train_loss": sum(block) / len(block),
+                            "held_out_loss": e["held_out_loss"], "exact_match": e["exact_match"]})
+        previous = e["step"]
+    test = result["data"].test
+    return {"init": init, "seed": seed, "vocabulary": run_config.vocabulary, "config": config.member_config(),
+            "evaluations": evaluations, "seconds": round(time.perf_counter() - began, 1),
+            "examples": [[s, t, o] for (s, t), o in zip(test[:10], result["evaluation"]["outputs"][:10])]}
+
+
+def run_seq2seq_init(config: Seq2SeqInitConfig, *, device: str = "auto", save_dir=None,
+                     deadline: float | None = None, progress: bool | None = False) -> list[dict]:
+    """Every (start, seed) of `config.runs()`, each written to `save_dir/members/<start>-seed<k>.json` when done;
+    members already there are read back, not retrained (one made with another configuration is refused).
+    `deadline` (a `time.time()`): start no member after it. Returns the members done.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
+    results = []
+    for init, seed in config.runs():
+        path = None if save_dir is None else Path(save_dir) / "members" / f"{init}-seed{seed}.json"
+        if path is not None and path.is_file():
+            member = json.loads(path.read_text(encoding="utf-8"))
+            if member.get("config") != config.member_config():
+                raise ValueError(f"{path} was made with another configuration; choose another --save folder")
+            results.append(member)
+            continue
+        if deadline is not None and time.time() > deadline:
+            break
+        member = run_init_member(init, seed, config, device=device, progress=progress)
+        if path is not None:
+            write_json(path, member)
+        results.append(member)
+    return results
+
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c114
+def _pooled(values) -> dict:
+    # mean, sd and t interval over seeds; one value: its mean, no interval
+    values = list(values)
+    if len(values) >= 2:
+        return mean_interval(values)
+    return {"n": len(values), "mean": values[0] if values else None, "sd": 0.0, "low": None, "high": None}
+
+
+def steps_to_reach(evaluations: Sequence[dict], threshold: float) -> int | None:
+    """The first evaluated step whose exact match is at least `threshold`; None if none is.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
+    return next((e["step"] for e in evaluations if e["exact_match"] >= threshold), None)
+
+
+def summarize_seq2seq_init(members: Sequence[dict], *, thresholds: Sequence[float] = (0.5, 0.9)) -> dict:
+    """Pool members over seeds. For each start: the final exact match and held-out loss ({"n", "mean", "sd",
+    "low", "high"}, t interval), and for each threshold the steps to reach it (`reached` of `n` seeds; the interval
+    only when every seed reached it); the curves (mean, min and max over seeds at each evaluated step). For each pair
+    of `SEQ2SEQ_INIT_PAIRS` present, the seed-by-seed difference (pre-trained minus the other start: seed k of
+    both saw the same batches) of the same quantities and of the exact match at every evaluated step.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
+    by_init: dict[str, dict[int, list]] = {}
+    for m in members:
+        by_init.setdefault(m["init"], {})[m["seed"]] = m["evaluations"]
+    summary = {"thresholds": list(thresholds), "inits": {}, "curves": {}, "differences": {}}
+
+    def reached_steps(runs):
+        out = {}
+        for t in thresholds:
+            steps = [steps_to_reach(runs[s], t) for s in sorted(runs)]
+            done = [s for s in steps if s is not None]
+            out[str(t)] = {**(_pooled(done) if len(done) == len(steps) else
+                              {"n": len(steps), "mean": None, "sd": None, "low": None, "high": None}),
+                           "reached": len(done), "n": len(steps), "per_seed": steps}
+        return out
+
+    for init in [i for i in SEQ2SEQ_INITS if i in by_init]:
+        runs = by_init[init]
+        seeds = sorted(runs)
+        summary["inits"][init] = {
+            "seeds": seeds,
+            "exact_match": _pooled([runs[s][-1]["exact_match"] for s in seeds]),
+            "held_out_loss": _pooled([runs[s][-1]["held_out_loss"] for s in seeds]),
+            "steps_to": reached_steps(runs)}
+        steps = [e["step"] for e in runs[seeds[0]]]
+        curve = {"step": steps}
+        for key in ("train_loss", "held_out_loss", "exact_match"):
+            table = [[e[key] for e in runs[s]] for s in seeds]
+            curve[key] = {"mean": [sum(col) / len(col) for col in zip(*table)],
+                          "min": [min(col) for col in zip(*table)], "max": [max(col) for col in zip(*table)]}
+        summary["curves"][init] = curve
+    for a, b in SEQ2SEQ_INIT_PAIRS:
+        if a not in by_init or b not in by_init:
+            continue
+        shared = sorted(set(by_init[a]) & set(by_init[b]))
+        if not shared:
+            continue
+        A, B = by_init[a], by_init[b]
+        diff = {"seeds": shared,
+                "exact_match": _pooled([A[s][-1]["exact_match"] - B[s][-1]["exact_match"] for s in shared]),
+                "held_out_loss": _pooled([A[s][-1]["held_out_loss"] - B[s][-1]["held_out_loss"] for s in shared]),
+                "exact_match_by_step": {
+                    str(ea["step"]): _pooled([A[s][i]["exact_match"] - B[s][i]["exact_match"] for s in shared])
+                    for i, ea in enumerate(A[shared[0]])},
+                "steps_to": {}}
+        for t in thresholds:
+            pairs = [(steps_to_reach(A[s], t), steps_to_reach(B[s], t)) for s in shared]
+            diff["steps_to"][str(t)] = (_pooled([x - y for x, y in pairs]) if all(None not in p for p in pairs)
+                                        else {"n": len(pairs), "mean": None, "sd": None, "low": None, "high": None})
+        summary["differences"][f"{a} - {b}"] = diff
+    return summary
+
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c115
+def _fmt(row: dict, digits: int = 3) -> str:
+    if row["mean"] is None:
+        return "-"
+    text = f"{row['mean']:.{digits}f} ± {row['sd']:.{digits}f}"
+    return text + (f" [{row['low']:.{digits}f}, {row['high']:.{digits}f}]" if row["low"] is not None else "")
+
+
+def format_seq2seq_init_table(summary: dict) -> str:
+    """The pooled results as text: per start, mean ± sd over seeds [t 95% interval] of the final exact match and
+    held-out loss, and the steps to each threshold (with how many seeds reached it); then the paired differences.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
+    thresholds = summary["thresholds"]
+    rows = [["start", "seeds", "exact match (final)", "held-out loss (final)", *[f"steps to {t}" for t in thresholds]]]
+    for init in [i for i in SEQ2SEQ_INITS if i in summary["inits"]]:     # a record's keys come back sorted
+        row, steps = summary["inits"][init], []
+        for t in thresholds:
+            s = row["steps_to"][str(t)]
+            steps.append(_fmt(s, 0) if s["reached"] == s["n"] else f"reached by {s['reached']} of {s['n']}")
+        rows.append([init, str(len(row["seeds"])), _fmt(row["exact_match"]), _fmt(row["held_out_loss"]), *steps])
+    for name in [f"{a} - {b}" for a, b in SEQ2SEQ_INIT_PAIRS if f"{a} - {b}" in summary["differences"]]:
+        d = summary["differences"][name]
+        rows.append([f"{name} (paired)", str(len(d["seeds"])), _fmt(d["exact_match"]), _fmt(d["held_out_loss"]),
+                     *[_fmt(d["steps_to"][str(t)], 0) for t in thresholds]])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i != 1 else cell.rjust(w) for i, (cell, w) in
+                               enumerate(zip(r, widths))).rstrip() for r in rows)
+
+
+def plot_seq2seq_init(summary: dict, axes=None, *, title: str | None = None):
+    """Held-out loss and exact match against steps on two matplotlib axes (None: a new figure): the mean over seeds
+    per start, with a band from the lowest to the highest seed. Returns the figure.
+
+    Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    left, right = axes
+    fig = left.figure
+    for init in [i for i in SEQ2SEQ_INITS if i in summary["curves"]]:
+        curve = summary["curves"][init]
+        n = len(summary["inits"][init]["seeds"])
+        for ax, key in ((left, "held_out_loss"), (right, "exact_match")):
+            line, = ax.plot(curve["step"], curve[key]["mean"], marker=".", label=f"{init} ({n} seeds)")
+            ax.fill_between(curve["step"], curve[key]["min"], curve[key]["max"], color=line.get_color(), alpha=0.2)
+    left.set(xlabel="step", ylabel="held-out loss (target tokens)", yscale="log")
+    right.set(xlabel="step", ylabel="exact match (greedy)", ylim=(-0.02, 1.02))
+    right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+# %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c120
+def _run_init_cli(args) -> int:
+    config = config_from_args(Seq2SeqInitConfig, args)
+    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
+        raise ValueError(f"--minutes must be a number >= 0, got {args.minutes}")
+    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    args.resume = False                                       # finished members in <save>/members are always reused
+    record = start_run(args, config, name="seq2seq-init")
+    members = run_seq2seq_init(config, device=args.device, save_dir=args.save, deadline=deadline,
+                               progress=False if args.no_progress else None)
+    done = len(members) == len(config.runs())
+    summary = summarize_seq2seq_init(members) if members else None
+    if summary is not None:
+        print(format_seq2seq_init_table(summary))
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig = plot_seq2seq_init(summary, title=f"{len(members)} models, {config.steps} steps each")
+        fig.savefig(Path(args.save) / "curves.png", dpi=110)
+        plt.close(fig)
+    if not done:
+        print(f"{len(members)} of {len(config.runs())} models done: run the same command again to continue")
+    record.finish(complete=done, members=len(members), model_seconds=round(sum(m["seconds"] for m in members), 1),
+                  summary=summary)
+    return 0
+
+
+def _register_init_cli(subparsers) -> None:
+    p = subparsers.add_parser("seq2seq-init", help="fine-tune the reversal task from each start (scratch, "
+                                                   "pre-trained or random BERT and MiniLM) over seeds",
+                              description="Fine-tune each start under the UniLM mask with one recipe, for each seed; "
+                                          "log held-out loss and exact match against steps; pool the seeds (mean, "
+                                          "sd, t interval; steps to reach an exact match of 0.5 and 0.9; paired "
+                                          "differences: bert minus random-bert and minus scratch, minilm minus "
+                                          "random-minilm). Each finished model is written to "
+                                          "<save>/members/ at once and reused when the command is run again.")
+    add_config_arguments(p, Seq2SeqInitConfig)
+    add_run_arguments(p, name="seq2seq-init", checkpoint_every=None)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="start no new model after this many minutes; run the command again to continue")
+    p.set_defaults(run=_run_init_cli)
