@@ -500,10 +500,8 @@ def _check_kernel_optimizer(optimizer) -> None:
 def _kernel_step(kernel, optimizer, clip: float) -> None:
     """One AdamW step of `optimizer`'s parameters by the C kernel, gradients multiplied by `clip` as they are read.
     The moments live in `optimizer.state` under torch's names (step, exp_avg, exp_avg_sq)."""
-    params, grads, hyper = [], [], []
+    params, grads, groups, states = [], [], [], []
     for group in optimizer.param_groups:
-        beta1, beta2 = group["betas"]
-        decay = 1.0 - group["lr"] * group["weight_decay"] if type(optimizer) is torch.optim.AdamW else 1.0
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -512,23 +510,29 @@ def _kernel_step(kernel, optimizer, clip: float) -> None:
                 state["step"] = torch.zeros((), dtype=torch.float32)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-            state["step"] += 1
-            step = state["step"].item()
+            for name in ("exp_avg", "exp_avg_sq"):              # as loaded from a state_dict, possibly strided
+                if not state[name].is_contiguous():
+                    state[name] = state[name].contiguous()
             params.append(p)
             grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-            hyper += [decay, 1 - beta1, beta2, 1 - beta2, group["eps"], group["lr"] / (1 - beta1 ** step),
-                      math.sqrt(1 - beta2 ** step)]
+            groups.append(group)
+            states.append(state)
     if not params:
         return
-    for p in params:
-        for name in ("exp_avg", "exp_avg_sq"):
-            if not optimizer.state[p][name].is_contiguous():
-                optimizer.state[p][name] = optimizer.state[p][name].contiguous()
+    steps = [state["step"] for state in states]
+    torch._foreach_add_(steps, 1.0)                             # one call, not one per tensor
+    hyper, cache = [], {}
+    for group, step in zip(groups, torch.stack(steps).tolist()):
+        key = (id(group), step)
+        if key not in cache:
+            beta1, beta2 = group["betas"]
+            decay = 1.0 - group["lr"] * group["weight_decay"] if type(optimizer) is torch.optim.AdamW else 1.0
+            cache[key] = [decay, 1 - beta1, beta2, 1 - beta2, group["eps"], group["lr"] / (1 - beta1**step),
+                          math.sqrt(1 - beta2**step)]
+        hyper += cache[key]
     addresses = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
-    kernel(len(params), addresses(params), addresses(grads),
-           addresses([optimizer.state[p]["exp_avg"] for p in params]),
-           addresses([optimizer.state[p]["exp_avg_sq"] for p in params]),
-           (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
+    kernel(len(params), addresses(params), addresses(grads), addresses([s["exp_avg"] for s in states]),
+           addresses([s["exp_avg_sq"] for s in states]), (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
            (ctypes.c_float * len(hyper))(*hyper), clip)
 
 # %% ../../nbs/12_gradient_clipping.ipynb #c029
