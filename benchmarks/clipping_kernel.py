@@ -16,7 +16,10 @@ For each it prints the build time, cold (empty cache) and cached (a second build
 step the median time over interleaved pairs, the median ratio of the baseline's time to it, and the largest relative
 difference of the parameters after one step from the baseline and from an fp64 reference.
 
-    python benchmarks/clipping_kernel.py [--repeats 21] [--variants C compile inline] [--cached]
+    python benchmarks/clipping_kernel.py [--repeats 21] [--variants C compile inline] [--cache DIR] [--build-only]
+
+Run it twice with the same --cache DIR (the first --build-only) to see the cold and the cached build times.
+`ClippedOptimizer(..., fold="kernel")` uses the C variant; `benchmarks/clipping.py --only fused` times it there.
 """
 import argparse
 import ctypes
