@@ -2,8 +2,9 @@
 
 Counting passes over memory (float32 streams per parameter): `clip_grad_norm_` + fused AdamW makes 10 (read g for
 the norm, read and write g to scale it, then the step reads p, g, m, v and writes p, m, v); folding the clip into the
-fused kernel's `grad_scale` makes 9 (the kernel writes the unscaled gradient back), so it is capped at 1.11x. A kernel
-that multiplies each gradient by the clip factor as it reads it, and writes only p, m and v, makes 8: at most 1.25x.
+fused kernel's `grad_scale` makes 9 (that kernel writes the gradient, divided by grad_scale, back), so it is capped
+at 1.11x. A kernel that multiplies each gradient by the clip factor as it reads it, and writes only p, m and v,
+makes 8: at most 1.25x.
 This script builds such a kernel three ways and times each, side by side in one run, against the torch baseline on
 the 20.2M float32 parameters of `clipping.py` (84 tensors; the clip bites, gamma half the norm):
 
