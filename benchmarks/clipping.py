@@ -11,7 +11,8 @@ to simbook's, for 1 and 2 threads (CPU) or on CUDA when present:
 * clip, γ < ‖g‖   the same when it bites (the gradients are restored, untimed, before every call)
 * fused step      clip_grad_norm_ + a fused AdamW (or plain SGD) step  vs  ClippedOptimizer around the same fused
                   optimizer, which folds the clip into the step (AdamW: the optimizer's `grad_scale`; plain SGD: that
-                  step's learning rate): the clip costs only the norm
+                  step's learning rate): the clip costs only the norm; for AdamW also `fold="kernel"`, simbook's own
+                  one-pass C kernel (CPU only; compiled on first use, the build time is printed)
 
 It also prints each norm's relative error against an fp64 reference, and for the fused steps the largest relative
 difference between the parameters after one step of each (from the same parameters, gradients and state).
@@ -124,7 +125,7 @@ def main() -> None:
 
 
 # passes over memory per parameter (float32 streams), for the chapter's table
-PASSES = {"AdamW": {"fused step": 7, "clip_grad_norm_ + step": 10, "folded": 9},
+PASSES = {"AdamW": {"fused step": 7, "clip_grad_norm_ + step": 10, "folded": 9, "kernel": 8},
           "SGD": {"fused step": 3, "clip_grad_norm_ + step": 6, "folded": 4}}
 
 
@@ -134,12 +135,17 @@ def fused_steps(sizes, grads, reference, repeats, sync, device) -> None:
     gamma = 0.5 * reference
     makers = {"AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, fused=True),
               "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-3, fused=True)}
-    for name, make in makers.items():
+    rows = [(name, make, "auto") for name, make in makers.items()]
+    if device.type == "cpu":
+        rows.insert(1, ("AdamW", makers["AdamW"], "kernel"))
+    for name, make, fold in rows:
         start = [torch.randn(s, generator=torch.Generator().manual_seed(i)).to(device) for i, s in enumerate(sizes)]
         theirs_params = [torch.nn.Parameter(x.clone()) for x in start]
         ours_params = [torch.nn.Parameter(x.clone()) for x in start]
         theirs_opt = make(theirs_params)
-        ours_opt = ClippedOptimizer(make(ours_params), gamma)
+        t0 = time.perf_counter()
+        ours_opt = ClippedOptimizer(make(ours_params), gamma, fold=fold)
+        built = time.perf_counter() - t0
         assert ours_opt.fold
 
         def restore():
@@ -163,10 +169,13 @@ def fused_steps(sizes, grads, reference, repeats, sync, device) -> None:
             restore(), theirs(), restore(), ours_opt.step()
         t_theirs, t_ours, ratio = paired(theirs, ours_opt.step, repeats, sync, restore)
         passes = PASSES[name]
-        print(f"  fused {name:<6} clip bites: clip_grad_norm_ + step {t_theirs * 1e3:7.2f} ms   folded "
+        folded = passes["kernel" if fold == "kernel" else "folded"]
+        label = f"fused {name:<6}" if fold != "kernel" else f"kernel {name}"
+        print(f"  {label:<12} clip bites: clip_grad_norm_ + step {t_theirs * 1e3:7.2f} ms   folded "
               f"{t_ours * 1e3:7.2f} ms   ratio {ratio:.2f}x   (passes over memory {passes['clip_grad_norm_ + step']} "
-              f"vs {passes['folded']}: at most {passes['clip_grad_norm_ + step'] / passes['folded']:.2f}x)   "
-              f"parameters after one step differ by {worst:.1e} (relative)")
+              f"vs {folded}: at most {passes['clip_grad_norm_ + step'] / folded:.2f}x)   "
+              f"parameters after one step differ by {worst:.1e} (relative)"
+              + (f"   (fold={ours_opt.fold!r}, built or loaded in {built:.2f} s)" if fold == "kernel" else ""))
 
 
 if __name__ == "__main__":

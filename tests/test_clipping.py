@@ -435,3 +435,101 @@ def test_folded_clip_skips_a_nonfinite_step():
     optimizer_step(opt, net(torch.randn(2, 7)).sum(), 0)
     assert opt.clipper.skipped_steps == [0]
     assert all(torch.equal(p, b) for p, b in zip(net.parameters(), before))
+
+
+# --- fold="kernel": simbook's one-pass clipped AdamW -------------------------------------------------------------------
+
+def _two_groups_adamw(params):
+    params = list(params)
+    return torch.optim.AdamW([{"params": params[:2], "lr": 1e-2, "weight_decay": 0.0}, {"params": params[2:]}],
+                             lr=3e-3, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+                                  lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+                                  lambda ps: torch.optim.Adam(ps, lr=1e-2),
+                                  _two_groups_adamw])
+@pytest.mark.parametrize("flat", [True, False])
+def test_kernel_fold_equals_clip_grad_norm_then_adamw_in_fp64(make, flat):
+    torch.manual_seed(0)
+    ours, reference = _net(), _net(dtype=torch.float64)
+    kernel = ClippedOptimizer(make(ours.parameters()), 0.5, flat=flat, fold="kernel")
+    plain = make(reference.parameters())                            # the same optimizer, in fp64
+    assert kernel.fold == "kernel" and "fold='kernel'" in repr(kernel)
+    x = torch.randn(6, 7, generator=torch.Generator().manual_seed(1))
+    for step in range(6):
+        scale = 10.0 if step % 2 else 0.01                          # steps that bite and steps that do not
+        optimizer_step(kernel, (ours(x) * scale).pow(2).sum(), step)
+        plain.zero_grad()
+        (reference(x.double()) * scale).pow(2).sum().backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+        plain.step()
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        assert ((p.double() - q).norm() / q.norm()).item() < 1e-6
+    assert kernel.clipper.clipped == [False, True] * 3
+    state = kernel.state_dict()["state"]
+    assert all(set(s) == {"step", "exp_avg", "exp_avg_sq"} and s["step"].item() == 6 for s in state.values())
+
+
+def test_kernel_fold_state_continues_in_torchs_adamw():
+    torch.manual_seed(0)
+    a, b = _net(), _net()
+    kernel = ClippedOptimizer(torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1), 1e6, fold="kernel")
+    plain = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        optimizer_step(kernel, a(torch.randn(4, 7)).pow(2).sum(), step)
+    b.load_state_dict(a.state_dict())
+    plain.load_state_dict(copy.deepcopy(kernel.state_dict()))      # torch's AdamW picks up where the kernel stopped
+    x = torch.randn(4, 7)
+    optimizer_step(kernel, a(x).pow(2).sum(), 3)
+    optimizer_step(plain, b(x).pow(2).sum(), 3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), lr=st.floats(1e-4, 1e-1), weight_decay=st.floats(0.0, 0.5),
+       beta1=st.floats(0.0, 0.99), beta2=st.floats(0.9, 0.9999), gamma=st.floats(1e-3, 1e3),
+       seed=st.integers(0, 2**16))
+def test_kernel_fold_one_step_matches_fp64(n, lr, weight_decay, beta1, beta2, gamma, seed):
+    g = torch.Generator().manual_seed(seed)
+    start, grad = torch.randn(n, generator=g), torch.randn(n, generator=g) * 10
+    p = torch.nn.Parameter(start.clone())
+    p.grad = grad.clone()
+    kernel = ClippedOptimizer(torch.optim.AdamW([p], lr=lr, betas=(beta1, beta2), weight_decay=weight_decay), gamma,
+                              fold="kernel")
+    for _ in range(2):
+        kernel.step()
+    x, m, v, gg = start.double(), 0.0, 0.0, grad.double()
+    gg = gg * min(1.0, gamma / gg.norm().item())
+    for t in (1, 2):
+        m, v = beta1 * m + (1 - beta1) * gg, beta2 * v + (1 - beta2) * gg * gg
+        x = x * (1 - lr * weight_decay) - lr / (1 - beta1**t) * m / (v.sqrt() / math.sqrt(1 - beta2**t) + 1e-8)
+    assert ((p.double() - x).norm() / x.norm()).item() < 1e-6
+
+
+def test_kernel_fold_refuses_what_it_does_not_compute():
+    net = _net()
+    for optimizer, match in [(torch.optim.SGD(net.parameters(), lr=0.1), "needs torch.optim.AdamW or Adam"),
+                             (torch.optim.AdamW(net.parameters(), lr=0.1, amsgrad=True), "amsgrad"),
+                             (torch.optim.Adam(net.parameters(), lr=0.1, weight_decay=0.1), "weight_decay=0"),
+                             (torch.optim.AdamW(net.parameters(), lr=torch.tensor(0.1)), "float learning rates"),
+                             (torch.optim.AdamW(_net(dtype=torch.float64).parameters(), lr=0.1), "float32 CPU")]:
+        with pytest.raises(ValueError, match=match):
+            ClippedOptimizer(optimizer, 1.0, fold="kernel")
+
+
+def test_kernel_fold_falls_back_without_a_compiler(monkeypatch, tmp_path):
+    from simbook.optim.clipping import clipped_adamw_kernel
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    clipped_adamw_kernel.cache_clear()
+    try:
+        net = _net()
+        with pytest.warns(RuntimeWarning, match="fold='kernel' is not available .*falling back to fold='grad_scale'"):
+            opt = ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1, fused=True), 1.0, fold="kernel")
+        assert opt.fold == "grad_scale"
+        with pytest.warns(RuntimeWarning, match="could not run"):
+            assert ClippedOptimizer(torch.optim.AdamW(net.parameters(), lr=0.1), 1.0, fold="kernel").fold == ""
+    finally:
+        clipped_adamw_kernel.cache_clear()

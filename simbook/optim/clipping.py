@@ -3,16 +3,26 @@
 # %% ../../nbs/12_gradient_clipping.ipynb #c002
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 # %% auto #0
 __all__ = ['CLIP_MODES', 'NONFINITE_POLICIES', 'ROW', 'clip_coefficient', 'global_norm', 'clip_grad_norm', 'GradientClipper',
-           'ClippedOptimizer', 'local_smoothness', 'SmoothnessFit', 'fit_smoothness']
+           'ClippedOptimizer', 'clipped_adamw_kernel', 'local_smoothness', 'SmoothnessFit', 'fit_smoothness']
 
 # %% ../../nbs/12_gradient_clipping.ipynb #c005
 CLIP_MODES = ("hard", "soft", "normalize")
@@ -250,7 +260,11 @@ class ClippedOptimizer:
     fused torch optimizer (`Adam`, `AdamW`, `SGD` with `fused=True` in every group) it sets the optimizer's
     `grad_scale` (the hook `torch.amp.GradScaler` uses) to 1/factor, so that the fused kernel scales each gradient as
     it reads it (`.fold == "grad_scale"`; the kernel writes the scaled gradients back). `fold=False` always clips
-    first (`.fold == ""`).
+    first (`.fold == ""`). `fold="kernel"`, asked for explicitly, replaces the step of `AdamW` (or `Adam` without
+    weight decay) on float32 CPU parameters by simbook's own one-pass kernel (`clipped_adamw_kernel`, compiled with
+    the system's C compiler on first use): it multiplies each gradient by the clip factor as it reads it and writes
+    only the parameters and the two moments, which it keeps in the wrapped optimizer's `state` as torch does. Without
+    a working compiler it warns and falls back to the `"auto"` fold.
 
     Defined in: *Why gradient clipping speeds up training*, section "A wrapper for any optimizer"."""
 
@@ -260,8 +274,8 @@ class ClippedOptimizer:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(flat, bool):
             raise TypeError(f"flat must be a bool, got {type(flat).__name__}")
-        if fold not in ("auto", True, False):
-            raise ValueError(f"fold must be 'auto', True or False, got {fold!r}")
+        if fold not in ("auto", True, False, "kernel"):
+            raise ValueError(f"fold must be 'auto', True, False or 'kernel', got {fold!r}")
         how = "lr" if _plain_sgd(optimizer) else "grad_scale" if _fused_with_grad_scale(optimizer) else ""
         if fold is True and not how:
             raise ValueError("fold=True needs plain SGD (no momentum, no weight decay) or a fused torch Adam, AdamW "
@@ -272,6 +286,15 @@ class ClippedOptimizer:
         self.params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not self.params:
             raise ValueError("the optimizer has no parameter that requires a gradient")
+        self._kernel = None
+        if fold == "kernel":
+            _check_kernel_optimizer(optimizer)
+            try:
+                self._kernel = clipped_adamw_kernel()
+                self.fold = "kernel"
+            except RuntimeError as error:
+                warnings.warn(f"fold='kernel' is not available ({error}); falling back to fold={self.fold!r}",
+                              RuntimeWarning, stacklevel=2)
         devices = sorted({str(p.device) for p in self.params})
         if len(devices) > 1:
             raise ValueError(f"parameters live on several devices ({', '.join(devices)}); wrap one optimizer per device")
@@ -345,6 +368,9 @@ class ClippedOptimizer:
         norm, coefficient = self.clipper.measure(grads)
         if not math.isfinite(norm):
             return loss                                         # skipped (nonfinite="skip")
+        if self.fold == "kernel":
+            _kernel_step(self._kernel, self.optimizer, coefficient)
+            return loss
         groups = self.optimizer.param_groups
         rates = [group["lr"] for group in groups]
         if coefficient != 1.0 and self.fold == "lr":            # θ − (η c) g: the step itself does the clipping
@@ -366,6 +392,148 @@ class ClippedOptimizer:
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.optimizer.load_state_dict(state_dict)
+
+# %% ../../nbs/12_gradient_clipping.ipynb #c040
+_KERNEL_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+
+/* One clipped AdamW step over n float32 tensors, one pass: reads p, g, m, v; writes p, m, v.
+   h holds 7 floats per tensor, each worked out in double and rounded once: 1 - lr*weight_decay, 1 - beta1, beta2,
+   1 - beta2, eps, lr/(1 - beta1^t), sqrt(1 - beta2^t). (1 - beta2 taken in float from a float beta2 = 0.999 would be
+   off by 1.3e-5.) */
+void simbook_clipped_adamw(int64_t n, float *const *p, const float *const *g, float *const *m, float *const *v,
+                           const int64_t *sizes, const float *h, float clip)
+{
+    for (int64_t t = 0; t < n; ++t) {
+        float *restrict P = p[t], *restrict M = m[t], *restrict V = v[t];
+        const float *restrict G = g[t];
+        const float *ht = h + 7 * t;
+        const float decay = ht[0], one_minus_beta1 = ht[1], beta2 = ht[2], one_minus_beta2 = ht[3], eps = ht[4];
+        const float step_size = ht[5], bias_correction2_sqrt = ht[6];
+        for (int64_t i = 0; i < sizes[t]; ++i) {
+            const float grad = G[i] * clip;
+            const float mi = M[i] + one_minus_beta1 * (grad - M[i]);
+            const float vi = beta2 * V[i] + one_minus_beta2 * grad * grad;
+            M[i] = mi;
+            V[i] = vi;
+            P[i] = P[i] * decay - step_size * mi / (sqrtf(vi) / bias_correction2_sqrt + eps);
+        }
+    }
+}
+"""
+
+
+def _kernel_flags() -> list[str]:
+    flags = ["-O3", "-fno-math-errno", "-fPIC", "-shared"]
+    if platform.machine().lower() in ("x86_64", "amd64") and \
+            torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]
+    return flags
+
+
+def _kernel_cache() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    for directory in (Path(root) / "simbook", Path(tempfile.gettempdir()) / "simbook"):
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            if os.access(directory, os.W_OK):
+                return directory
+        except OSError:
+            continue
+    raise RuntimeError("no writable directory for the compiled kernel (tried ~/.cache/simbook and the temp dir)")
+
+
+@functools.cache
+def clipped_adamw_kernel() -> ctypes._CFuncPtr:
+    """Compile (once per machine; the library is cached under `~/.cache/simbook`, named by a hash of the source,
+    flags and compiler) and load the one-pass clipped AdamW kernel; returns the `ctypes` function. Uses `$CC`, else
+    `cc`, `gcc` or `clang`; raises RuntimeError saying why when there is none or the compile fails.
+
+    Defined in: *Why gradient clipping speeds up training*, section "One pass of our own"."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        raise RuntimeError("no C compiler found: set CC or install cc/gcc/clang")
+    flags = _kernel_flags()
+    key = hashlib.sha256("\0".join([_KERNEL_SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
+    directory = _kernel_cache()
+    library = directory / f"clipped_adamw_{key}.so"
+    if not library.exists():
+        with tempfile.TemporaryDirectory(dir=directory) as scratch:
+            source, built = Path(scratch) / "clipped_adamw.c", Path(scratch) / "clipped_adamw.so"
+            source.write_text(_KERNEL_SOURCE)
+            try:
+                result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True,
+                                        text=True, timeout=120)
+            except (OSError, subprocess.TimeoutExpired) as error:
+                raise RuntimeError(f"the C compiler {compiler!r} could not run: {error}") from error
+            if result.returncode != 0:
+                raise RuntimeError(f"{compiler} failed to compile the kernel: {result.stderr.strip()[-500:]}")
+            os.replace(built, library)                  # atomic: a concurrent build never loads a half-written file
+    fn = ctypes.CDLL(str(library)).simbook_clipped_adamw
+    pointers = ctypes.POINTER(ctypes.c_void_p)
+    fn.argtypes = [ctypes.c_int64, pointers, pointers, pointers, pointers, ctypes.POINTER(ctypes.c_int64),
+                   ctypes.POINTER(ctypes.c_float), ctypes.c_float]
+    fn.restype = None
+    return fn
+
+
+def _check_kernel_optimizer(optimizer) -> None:
+    """fold="kernel" does AdamW's (or weight-decay-free Adam's) arithmetic: refuse anything else, saying why."""
+    if type(optimizer) not in (torch.optim.AdamW, torch.optim.Adam):
+        raise ValueError(f"fold='kernel' needs torch.optim.AdamW or Adam, got {type(optimizer).__name__}")
+    for group in optimizer.param_groups:
+        for option in ("amsgrad", "maximize", "capturable", "differentiable"):
+            if group.get(option):
+                raise ValueError(f"fold='kernel' does not do {option}=True")
+        if type(optimizer) is torch.optim.Adam and (group["weight_decay"] != 0
+                                                    or group.get("decoupled_weight_decay")):
+            raise ValueError("fold='kernel' around Adam needs weight_decay=0 (use AdamW for decoupled decay)")
+        if isinstance(group["lr"], torch.Tensor) or any(isinstance(b, torch.Tensor) for b in group["betas"]):
+            raise ValueError("fold='kernel' needs float learning rates and betas, not tensors")
+        for p in group["params"]:
+            if p.dtype != torch.float32 or p.device.type != "cpu" or not p.is_contiguous():
+                raise ValueError(f"fold='kernel' needs contiguous float32 CPU parameters, got {p.dtype} on "
+                                 f"{p.device}")
+
+
+def _kernel_step(kernel, optimizer, clip: float) -> None:
+    """One AdamW step of `optimizer`'s parameters by the C kernel, gradients multiplied by `clip` as they are read.
+    The moments live in `optimizer.state` under torch's names (step, exp_avg, exp_avg_sq)."""
+    params, grads, groups, states = [], [], [], []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+            for name in ("exp_avg", "exp_avg_sq"):              # as loaded from a state_dict, possibly strided
+                if not state[name].is_contiguous():
+                    state[name] = state[name].contiguous()
+            params.append(p)
+            grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+            groups.append(group)
+            states.append(state)
+    if not params:
+        return
+    steps = [state["step"] for state in states]
+    torch._foreach_add_(steps, 1.0)                             # one call, not one per tensor
+    hyper, cache = [], {}
+    for group, step in zip(groups, torch.stack(steps).tolist()):
+        key = (id(group), step)
+        if key not in cache:
+            beta1, beta2 = group["betas"]
+            decay = 1.0 - group["lr"] * group["weight_decay"] if type(optimizer) is torch.optim.AdamW else 1.0
+            cache[key] = [decay, 1 - beta1, beta2, 1 - beta2, group["eps"], group["lr"] / (1 - beta1**step),
+                          math.sqrt(1 - beta2**step)]
+        hyper += cache[key]
+    addresses = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
+    kernel(len(params), addresses(params), addresses(grads), addresses([s["exp_avg"] for s in states]),
+           addresses([s["exp_avg_sq"] for s in states]), (ctypes.c_int64 * len(params))(*[p.numel() for p in params]),
+           (ctypes.c_float * len(hyper))(*hyper), clip)
 
 # %% ../../nbs/12_gradient_clipping.ipynb #c029
 def _check_point(values, params, name: str) -> list[torch.Tensor]:
