@@ -34,8 +34,8 @@ from .utils import (check_positive_int, load_state_dict_strict, read_state_dict,
 __all__ = ['SCHEDULES', 'STATE_TENSORS', 'STATE_JSON', 'LATEST', 'resolve_device', 'world_size', 'rank', 'is_main_process',
            'init_distributed', 'all_reduce_sum', 'gather_with_grad', 'batch_rows', 'shard', 'to_device',
            'schedule_factor', 'save_training_state', 'latest_checkpoint', 'load_training_state', 'FitResult', 'fit',
-           'describe_device', 'RunRecord', 'load_record', 'format_record', 'add_config_arguments', 'config_from_args',
-           'add_run_arguments', 'start_run']
+           'describe_device', 'RunRecord', 'load_record', 'format_record', 'MemberStore', 'add_config_arguments',
+           'config_from_args', 'add_run_arguments', 'start_run']
 
 # %% ../nbs/00b_training.ipynb #c004
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -647,6 +647,32 @@ def format_record(record: dict, *, max_metrics: int = 6) -> str:
         more = f" (+{len(items) - len(shown)} more in the record)" if len(items) > len(shown) else ""
         lines.append("  final: " + ", ".join(shown) + more)
     return "\n".join(lines)
+
+# %% ../nbs/00b_training.ipynb #c034
+class MemberStore:
+    """Finished members of a many-model experiment: `<directory>/members/<name>.json`, each stamped with the
+    `config` (JSON-ready dict) every member must share. `load(name)` returns a stored member or None (and refuses
+    one made with another configuration); `save(name, member)` stamps and writes it. With `directory=None` nothing
+    is stored or read. Defined in: *One trainer*, section "Experiments of many models"."""
+
+    def __init__(self, directory: str | os.PathLike | None, config: Mapping):
+        self.directory = None if directory is None else Path(directory) / "members"
+        self.config = json.loads(json.dumps(dict(config)))      # tuples become lists, as in the stored files
+
+    def load(self, name: str) -> dict | None:
+        path = None if self.directory is None else self.directory / f"{name}.json"
+        if path is None or not path.is_file():
+            return None
+        member = json.loads(path.read_text(encoding="utf-8"))
+        if member.get("config") != self.config:
+            raise ValueError(f"{path} was made with another configuration; choose another --save folder")
+        return member
+
+    def save(self, name: str, member: dict) -> dict:
+        member = {**member, "config": self.config}
+        if self.directory is not None:
+            write_json(self.directory / f"{name}.json", member)
+        return member
 
 # %% ../nbs/00b_training.ipynb #c030
 def _option_type(hint):

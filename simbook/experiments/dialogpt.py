@@ -23,9 +23,9 @@ from ..decoding import repetition_stats
 from ..models.gpt import GPT
 from ..models.transformer import TransformerConfig
 from ..text import ByteBPETokenizer, CharTokenizer, Tokenizer, save_tokenizer
-from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, init_distributed,
-                              is_main_process, resolve_device, start_run)
-from ..utils import check_positive_int, mean_interval, seed_everything, write_json
+from ..training import (MemberStore, add_config_arguments, add_run_arguments, config_from_args, fit,
+                              init_distributed, is_main_process, resolve_device, start_run)
+from ..utils import check_positive_int, mean_interval, seed_everything
 
 # %% auto #0
 __all__ = ['CORPORA', 'OPENINGS', 'chitchat_conversations', 'chatterbot_conversations', 'read_lccc', 'split_conversations',
@@ -552,22 +552,16 @@ def run_dialogue_comparison(config: DialogueCompareConfig, *, device: str = "aut
     `deadline` (a `time.time()`): start no member after it. Returns the members done.
 
     Defined in: *DialoGPT experiments*, section "The two layouts over seeds: `simbook dialogpt-compare`"."""
-    data, members = None, []
+    store, data, members = MemberStore(save_dir, config.member_config()), None, []
     for fmt, seed in config.runs():
-        path = None if save_dir is None else Path(save_dir) / "members" / f"{fmt}-seed{seed}.json"
-        if path is not None and path.is_file():
-            member = json.loads(path.read_text(encoding="utf-8"))
-            if member.get("config") != json.loads(json.dumps(config.member_config())):
-                raise ValueError(f"{path} was made with another configuration; choose another --save folder")
-            members.append(member)
-            continue
-        if deadline is not None and time.time() > deadline:
-            break
-        if data is None:
-            data = comparison_data(config)
-        member = run_comparison_member(fmt, seed, config, data, device=device, progress=progress)
-        if path is not None:
-            write_json(path, member)
+        member = store.load(f"{fmt}-seed{seed}")
+        if member is None:
+            if deadline is not None and time.time() > deadline:
+                break
+            if data is None:
+                data = comparison_data(config)
+            member = store.save(f"{fmt}-seed{seed}", run_comparison_member(fmt, seed, config, data, device=device,
+                                                                            progress=progress))
         members.append(member)
     return members
 

@@ -4,11 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,9 +18,9 @@ from .decoding import paragraph_corpus, train_language_model
 from ..models.gpt import GPT
 from ..optim.clipping import GradientClipper
 from ..optim.mgs import MGS, _check_alpha, loaded_parameters, minimum_risk_loss, reinforce_loss
-from ..training import (add_config_arguments, add_run_arguments, config_from_args, fit, is_main_process,
-                              resolve_device, start_run)
-from ..utils import check_positive_int, check_tensor, mean_interval, write_json
+from ..training import (MemberStore, add_config_arguments, add_run_arguments, config_from_args, fit,
+                              is_main_process, resolve_device, start_run)
+from ..utils import check_positive_int, check_tensor, mean_interval
 
 # %% auto #0
 __all__ = ['DIGITS_METHODS', 'COMPARE_METHODS', 'COMPARE_METRICS', 'load_digits_split', 'zero_one_error', 'DigitsConfig',
@@ -558,15 +556,12 @@ def run_compare(config: CompareConfig | None = None, *, device="auto", save_dir=
     if not isinstance(config, CompareConfig):
         raise TypeError(f"config must be a CompareConfig, got {type(config).__name__}")
     device = resolve_device(device)
-    corpus, results = None, []
+    store, corpus, results = MemberStore(save_dir, config.member_config()), None, []
     for seed in config.seeds:
         start = None
         for method in config.methods:
-            path = None if save_dir is None else Path(save_dir) / "members" / f"{method}-seed{seed}.json"
-            if path is not None and path.is_file():
-                member = json.loads(path.read_text(encoding="utf-8"))
-                if member.get("config") != config.member_config():
-                    raise ValueError(f"{path} was made with another configuration; choose another --save folder")
+            member = store.load(f"{method}-seed{seed}")
+            if member is not None:
                 results.append(member)
                 continue
             if deadline is not None and time.time() > deadline:
@@ -580,9 +575,7 @@ def run_compare(config: CompareConfig | None = None, *, device="auto", save_dir=
                 pretrain_seconds = round(time.perf_counter() - began, 1)
             member = finetune_member(method, start[0], corpus, config, seed=seed, device=device, progress=progress)
             member.update(pretrained=start[1], pretrain_seconds=pretrain_seconds)
-            if path is not None:
-                write_json(path, member)
-            results.append(member)
+            results.append(store.save(f"{method}-seed{seed}", member))
     return results
 
 

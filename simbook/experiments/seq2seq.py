@@ -18,9 +18,9 @@ from ..models.transformer import TransformerConfig
 from ..seq2seq import SEQ2SEQ_MASKS, greedy_generate, seq2seq_loss, seq2seq_mask
 from ..simbert import SimBert, pretrained_small_bert_path
 from ..text import SPECIAL_TOKENS, CharTokenizer, Tokenizer, peoples_daily
-from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
-                              init_distributed, is_main_process, resolve_device, start_run)
-from ..utils import check_positive_int, load_state_dict_strict, mean_interval, write_json
+from ..training import (FitResult, MemberStore, add_config_arguments, add_run_arguments, config_from_args,
+                              fit, init_distributed, is_main_process, resolve_device, start_run)
+from ..utils import check_positive_int, load_state_dict_strict, mean_interval
 
 # %% auto #0
 __all__ = ['SEQ2SEQ_INITS', 'SEQ2SEQ_VOCABULARIES', 'SEQ2SEQ_INIT_PAIRS', 'reversal_pairs', 'ReversalData', 'reversal_data',
@@ -419,20 +419,14 @@ def run_seq2seq_init(config: Seq2SeqInitConfig, *, device: str = "auto", save_di
     `deadline` (a `time.time()`): start no member after it. Returns the members done.
 
     Defined in: *Seq2seq in one stack: the experiment*, section "Fine-tuning each start over seeds"."""
-    results = []
+    store, results = MemberStore(save_dir, config.member_config()), []
     for init, seed in config.runs():
-        path = None if save_dir is None else Path(save_dir) / "members" / f"{init}-seed{seed}.json"
-        if path is not None and path.is_file():
-            member = json.loads(path.read_text(encoding="utf-8"))
-            if member.get("config") != config.member_config():
-                raise ValueError(f"{path} was made with another configuration; choose another --save folder")
-            results.append(member)
-            continue
-        if deadline is not None and time.time() > deadline:
-            break
-        member = run_init_member(init, seed, config, device=device, progress=progress)
-        if path is not None:
-            write_json(path, member)
+        member = store.load(f"{init}-seed{seed}")
+        if member is None:
+            if deadline is not None and time.time() > deadline:
+                break
+            member = store.save(f"{init}-seed{seed}",
+                                run_init_member(init, seed, config, device=device, progress=progress))
         results.append(member)
     return results
 

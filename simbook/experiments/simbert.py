@@ -27,10 +27,9 @@ from ..search import SentenceIndex
 from ..simbert import (SimBert, pack_pairs, pad_rows, pretrained_small_bert_path, simbert_checkpoint_path,
                              simbert_loss, with_global_scale)
 from ..text import CharTokenizer, Tokenizer, peoples_daily_path, read_lines, split_sentences
-from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
-                              is_main_process, start_run)
-from ..utils import (check_positive_int, check_tensor, check_text, mean_interval, wilson_interval,
-                           write_json)
+from ..training import (FitResult, MemberStore, add_config_arguments, add_run_arguments, config_from_args,
+                              fit, is_main_process, start_run)
+from ..utils import check_positive_int, check_tensor, check_text, mean_interval, wilson_interval
 
 # %% auto #0
 __all__ = ['CONTENT_TAGS', 'BLOCKED_SWAPS', 'ABLATION_VARIANTS', 'ABLATION_SCORES', 'thesaurus_path', 'Thesaurus',
@@ -1072,22 +1071,16 @@ def run_simbert_ablation(config: SimBertAblationConfig, *, device: str = "auto",
     `deadline` (a `time.time()`): start no member after it. Returns the members done.
 
     Defined in: *SimBERT, the experiments*, section "What each loss contributes"."""
-    yardsticks, results = None, []
+    store, yardsticks, results = MemberStore(save_dir, config.member_config()), None, []
     for variant, seed in config.runs():
-        path = None if save_dir is None else Path(save_dir) / "members" / f"{variant}-seed{seed}.json"
-        if path is not None and path.is_file():
-            member = json.loads(path.read_text(encoding="utf-8"))
-            if member.get("config") != config.member_config():
-                raise ValueError(f"{path} was made with another configuration; choose another --save folder")
-            results.append(member)
-            continue
-        if deadline is not None and time.time() > deadline:
-            break
-        if yardsticks is None:
-            yardsticks = paraphrase_yardsticks(build_paraphrase_corpus(), sources=config.sources)
-        member = run_ablation_member(variant, seed, config, yardsticks, device=device, progress=progress)
-        if path is not None:
-            write_json(path, member)
+        member = store.load(f"{variant}-seed{seed}")
+        if member is None:
+            if deadline is not None and time.time() > deadline:
+                break
+            if yardsticks is None:
+                yardsticks = paraphrase_yardsticks(build_paraphrase_corpus(), sources=config.sources)
+            member = store.save(f"{variant}-seed{seed}", run_ablation_member(variant, seed, config, yardsticks,
+                                                                             device=device, progress=progress))
         results.append(member)
     return results
 
