@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from simbook.decoding import beam_search, greedy, sample
-from simbook.experiments.decoding import ScaleConfig, summarize_scale, unfinished_by
+from simbook.experiments.decoding import ScaleConfig, random_position_ids, summarize_scale, unfinished_by
 from simbook.utils import wilson_interval
 from simbook.recurrent import RecurrentConfig, RecurrentLM, RecurrentStepDecoder
 
@@ -140,6 +140,24 @@ def test_summary_pools_seeds():
     assert rows[1]["k"] == 6 and rows[1]["n"] == 20 and rows[1]["seeds"] == 2
     assert abs(rows[1]["mean"] - 0.3) < 1e-9 and abs(rows[1]["sd"] - 0.1414214) < 1e-5
     assert summary["perplexity"]["tanh | vanilla"] == {"mean": 10.0, "sd": 1.414, "seeds": 2}
+
+
+@settings(max_examples=50, deadline=None)
+@given(batch=st.integers(1, 8), length=st.integers(1, 40), spare=st.integers(0, 60), seed=st.integers(0, 99))
+def test_random_position_ids_are_shifted_ranges_inside_the_table(batch, length, spare, seed):
+    table = length + spare
+    ids = random_position_ids((batch, length), table, torch.Generator().manual_seed(seed))
+    assert ids.shape == (batch, length) and ids.dtype == torch.long
+    assert bool((ids[:, :1] >= 0).all()) and bool((ids[:, -1] < table).all())
+    assert torch.equal(ids - ids[:, :1], torch.arange(length).expand(batch, length))     # consecutive positions
+
+
+def test_random_position_ids_reach_every_row_and_refuse_a_short_table():
+    ids = random_position_ids((4000, 10), 60, torch.Generator().manual_seed(0))
+    assert set(ids.flatten().tolist()) == set(range(60))             # every row of the table is trained
+    assert ids[:, 0].min() == 0 and ids[:, 0].max() == 50            # offsets span [0, max_position - T]
+    with pytest.raises(ValueError, match="position table"):
+        random_position_ids((2, 11), 10, torch.Generator())
 
 
 def test_config_refuses_what_cannot_run():

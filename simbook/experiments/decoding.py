@@ -23,8 +23,8 @@ from ..utils import check_positive_int, wilson_interval
 __all__ = ['DECODERS', 'MODELS', 'ParagraphCorpus', 'paragraph_corpus', 'train_language_model', 'non_termination_ratios',
            'NonTerminationConfig', 'run_non_termination', 'format_non_termination_table', 'register_cli', 'ScaleConfig',
            'random_contexts', 'language_model', 'step_decoder', 'continuation_lengths', 'unfinished_by',
-           'summarize_scale', 'format_scale_table', 'model_config', 'run_scale_model', 'run_non_termination_scale',
-           'load_scale_results', 'register_scale_cli']
+           'summarize_scale', 'format_scale_table', 'model_config', 'random_position_ids', 'run_scale_model',
+           'run_non_termination_scale', 'load_scale_results', 'register_scale_cli']
 
 # %% ../../nbs/08b_decoding_experiments.ipynb #c006
 @dataclass
@@ -363,7 +363,7 @@ def random_contexts(tokenizer: CharTokenizer, count: int, length: int, generator
 
 def language_model(architecture: str, vocab_size: int, config: ScaleConfig) -> torch.nn.Module:
     """A tanh RNN, an LSTM or a GPT of the configured size; the GPT's position table covers the training
-    paragraphs and context + cap (positions past the longest paragraph are never trained).
+    paragraphs and context + cap (its training trains every row: `random_position_ids`).
 
     Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
     if architecture in ("tanh", "lstm"):
@@ -472,6 +472,21 @@ def model_config(config: ScaleConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items() if k not in skip}
 
 
+def random_position_ids(shape: tuple[int, int], max_position: int, generator: torch.Generator) -> torch.Tensor:
+    """Position ids `[B, T]` for training a GPT whose decoding runs past its training paragraphs: each row is
+    `offset + 0..T-1` with `offset` uniform in `[0, max_position - T]`, so every row of the position table is trained
+    (a paragraph of 60 tokens still meets positions 0-1011), while the model learns where a paragraph starts from its
+    `[CLS]` token. Decoding and perplexity use positions from 0, as usual. This is the simplest of the randomized
+    positional encodings of Ruoss et al. (2023).
+
+    Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
+    B, T = shape
+    if T > max_position:
+        raise ValueError(f"{T} positions exceed the position table (max_position={max_position})")
+    offsets = torch.randint(max_position - T + 1, (B, 1), generator=generator)
+    return offsets + torch.arange(T)
+
+
 def _train(architecture: str, epsilon: float | None, seed: int, config: ScaleConfig, corpus: ParagraphCorpus,
            device: str, progress) -> tuple[torch.nn.Module, float]:
     tokenizer, eos = corpus.tokenizer, corpus.tokenizer.sep_id
@@ -481,12 +496,17 @@ def _train(architecture: str, epsilon: float | None, seed: int, config: ScaleCon
 
     def batch_fn(step: int, generator: torch.Generator) -> dict:
         index = torch.randint(len(sentences), (config.batch_size,), generator=generator).tolist()
-        return language_model_batch(tokenizer, [sentences[i] for i in index], config.max_chars)
+        batch = language_model_batch(tokenizer, [sentences[i] for i in index], config.max_chars)
+        if isinstance(model, GPT):                              # see `random_position_ids`
+            batch["position_ids"] = random_position_ids(batch["input_ids"].shape, model.config.max_position,
+                                                        generator)
+        return batch
 
     def loss_fn(model, batch):
         ids, valid = batch["input_ids"], batch["valid"]
-        return language_model_loss(model(ids, mask=causal_mask(valid)), ids, valid, self_terminating=epsilon,
-                                   eos_id=eos)
+        extra = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {}
+        return language_model_loss(model(ids, mask=causal_mask(valid), **extra), ids, valid,
+                                   self_terminating=epsilon, eos_id=eos)
 
     result = fit(model, loss_fn, batch_fn, steps=config.steps, lr=config.lr, weight_decay=config.weight_decay,
                  schedule="cosine", warmup=max(1, config.steps // 20), clip=GradientClipper(config.clip),
