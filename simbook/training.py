@@ -34,8 +34,9 @@ from .utils import (check_positive_int, load_state_dict_strict, read_state_dict,
 __all__ = ['SCHEDULES', 'STATE_TENSORS', 'STATE_JSON', 'LATEST', 'resolve_device', 'world_size', 'rank', 'is_main_process',
            'init_distributed', 'all_reduce_sum', 'gather_with_grad', 'batch_rows', 'shard', 'to_device',
            'schedule_factor', 'save_training_state', 'latest_checkpoint', 'load_training_state', 'FitResult', 'fit',
-           'describe_device', 'RunRecord', 'load_record', 'format_record', 'MemberStore', 'add_config_arguments',
-           'config_from_args', 'add_run_arguments', 'start_run']
+           'describe_device', 'RunRecord', 'load_record', 'format_record', 'MemberStore', 'add_minutes_argument',
+           'deadline_after', 'finish_members', 'add_config_arguments', 'config_from_args', 'add_run_arguments',
+           'start_run']
 
 # %% ../nbs/00b_training.ipynb #c004
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -673,6 +674,39 @@ class MemberStore:
         if self.directory is not None:
             write_json(self.directory / f"{name}.json", member)
         return member
+
+# %% ../nbs/00b_training.ipynb #c002
+def add_minutes_argument(parser: argparse.ArgumentParser) -> None:
+    """`--minutes M` of a many-model command. Defined in: *One trainer*, section "Experiments of many models"."""
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no new model after this many minutes; run the same command again to continue")
+
+
+def deadline_after(minutes: float | None) -> float | None:
+    """The `time.time()` after which a many-model command starts no new model (None: no limit); `minutes` must be
+    a number >= 0. Defined in: *One trainer*, section "Experiments of many models"."""
+    if minutes is None:
+        return None
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not (math.isfinite(minutes)
+                                                                                  and minutes >= 0):
+        raise ValueError(f"--minutes must be a number >= 0, got {minutes}")
+    return time.time() + 60 * minutes
+
+
+def finish_members(record, members: Sequence[Mapping], planned: int, summary, *, table: str | None = None,
+                   **extra) -> bool:
+    """Close a many-model run: print `table` and, when fewer than `planned` members are done, how to continue (on
+    the main process); `record.finish(complete, members, planned, model_seconds, summary, **extra)`. Returns whether
+    the run is complete. Defined in: *One trainer*, section "Experiments of many models"."""
+    done = len(members) >= planned
+    if is_main_process():
+        if table:
+            print(table)
+        if not done:
+            print(f"{len(members)} of {planned} models done: run the same command again to continue")
+    record.finish(complete=done, members=len(members), planned=planned,
+                  model_seconds=round(sum(m["seconds"] for m in members), 1), summary=summary, **extra)
+    return done
 
 # %% ../nbs/00b_training.ipynb #c030
 def _option_type(hint):

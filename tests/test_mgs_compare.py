@@ -86,7 +86,7 @@ def test_cli_deadline_stops_between_members_and_another_config_is_refused(capsys
     (["--temperature", "0"], "temperature"),
     (["--mrt-alpha", "-1"], "mrt_alpha"),
     (["--finetune-steps", "0"], "finetune_steps must be >= 1"),
-    (["--minutes", "0"], "--minutes"),
+    (["--minutes", "-1"], "--minutes must be a number >= 0"),
     (["--device", "tpu"], "device"),
 ])
 def test_cli_refuses_bad_values_in_one_line(capsys, tmp_path, options, message):

@@ -15,8 +15,8 @@ from ..decoding import (StepDecoder, beam_search, greedy, language_model_batch, 
 from ..models.gpt import GPT
 from ..models.transformer import TransformerConfig
 from ..text import CharTokenizer, peoples_daily
-from ..training import (FitResult, add_config_arguments, add_run_arguments, config_from_args, fit,
-                              STATE_JSON, init_distributed, is_main_process, latest_checkpoint, resolve_device, start_run)
+from ..training import (FitResult, add_config_arguments, add_minutes_argument, add_run_arguments,
+                              config_from_args, deadline_after, fit, STATE_JSON, init_distributed, is_main_process, latest_checkpoint, resolve_device, start_run)
 from ..utils import check_positive_int, wilson_interval
 
 # %% auto #0
@@ -595,11 +595,11 @@ def _config_options(config: ScaleConfig) -> list[str]:
 
 def _run_scale_cli(args) -> int:
     config = config_from_args(ScaleConfig, args)
-    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    stop = deadline_after(args.minutes)
     if args.shard is not None:                                  # a worker of --jobs: results only, no record
         index, count = (int(x) for x in args.shard.split("/"))
         run_non_termination_scale(config, device=args.device, save_dir=args.save, shard=(index, count),
-                                  deadline=deadline)
+                                  deadline=stop)
         return 0
     check_positive_int(args.jobs, "jobs")
     args.resume = False                                         # finished models in <save>/results are always reused
@@ -615,7 +615,7 @@ def _run_scale_cli(args) -> int:
             print(f"non-termination-scale: worker(s) {failed} failed; rerun the command to continue", file=sys.stderr)
     else:
         run_non_termination_scale(config, device=args.device, save_dir=args.save,
-                                  progress=False if args.no_progress else None, deadline=deadline)
+                                  progress=False if args.no_progress else None, deadline=stop)
     results = load_scale_results(args.save)
     summary = summarize_scale(results)
     record.data["models"] = results
@@ -637,6 +637,6 @@ def register_scale_cli(subparsers) -> None:
     add_run_arguments(p, name="non-termination-scale")
     add_config_arguments(p, ScaleConfig)
     p.add_argument("--jobs", type=int, default=1, help="worker processes sharing the device (default 1)")
-    p.add_argument("--minutes", type=float, default=None, help="start no new model after this many minutes")
+    add_minutes_argument(p)
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     p.set_defaults(run=_run_scale_cli)

@@ -23,8 +23,9 @@ from ..decoding import repetition_stats
 from ..models.gpt import GPT
 from ..models.transformer import TransformerConfig
 from ..text import ByteBPETokenizer, CharTokenizer, Tokenizer, save_tokenizer
-from ..training import (MemberStore, add_config_arguments, add_run_arguments, config_from_args, fit,
-                              init_distributed, is_main_process, resolve_device, start_run)
+from ..training import (MemberStore, add_config_arguments, add_minutes_argument, add_run_arguments,
+                              config_from_args, deadline_after, finish_members, fit, init_distributed,
+                              is_main_process, resolve_device, start_run)
 from ..utils import check_positive_int, mean_interval, seed_everything
 
 # %% auto #0
@@ -624,18 +625,13 @@ def format_comparison(summary: dict) -> str:
 def _compare_cli(args) -> int:
     config = config_from_args(DialogueCompareConfig, args)
     load_corpus(config.corpus, config.path)                    # a missing corpus fails before anything is written
-    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    stop = deadline_after(args.minutes)
     args.seed, args.resume, args.checkpoint_every = config.seeds[0], False, None   # members are the checkpoints
     record = start_run(args, config, name="dialogpt-compare")
-    members = run_dialogue_comparison(config, device=args.device, save_dir=args.save, deadline=deadline,
+    members = run_dialogue_comparison(config, device=args.device, save_dir=args.save, deadline=stop,
                                       progress=False if args.no_progress else None)
-    done, summary = len(members) == len(config.runs()), summarize_comparison(members)
-    if is_main_process():
-        print(format_comparison(summary))
-        if not done:
-            print(f"{len(members)} of {len(config.runs())} models done: run the same command again to continue")
-    record.finish(complete=done, members=len(members), model_seconds=round(sum(m["seconds"] for m in members), 1),
-                  summary=summary)
+    summary = summarize_comparison(members)
+    finish_members(record, members, len(config.runs()), summary, table=format_comparison(summary))
     return 0
 
 
@@ -654,7 +650,6 @@ def _add_compare_parser(subparsers) -> None:
                    help="folder for members/ and record.json (default: runs/dialogpt-compare)")
     g.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's choice)")
     g.add_argument("--no-progress", action="store_true", help="do not draw progress bars")
-    g.add_argument("--minutes", type=float, default=None,
-                   help="start no new model after this many minutes; run the same command again to continue")
+    add_minutes_argument(g)
     p.set_defaults(run=_compare_cli)
 

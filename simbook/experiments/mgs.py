@@ -18,8 +18,9 @@ from .decoding import paragraph_corpus, train_language_model
 from ..models.gpt import GPT
 from ..optim.clipping import GradientClipper
 from ..optim.mgs import MGS, _check_alpha, loaded_parameters, minimum_risk_loss, reinforce_loss
-from ..training import (MemberStore, add_config_arguments, add_run_arguments, config_from_args, fit,
-                              is_main_process, resolve_device, start_run)
+from ..training import (MemberStore, add_config_arguments, add_minutes_argument, add_run_arguments,
+                              config_from_args, deadline_after, finish_members, fit, is_main_process,
+                              resolve_device, start_run)
 from ..utils import check_positive_int, check_tensor, mean_interval
 
 # %% auto #0
@@ -644,29 +645,22 @@ def format_compare_table(summary: dict, *, baseline: str = "MLE") -> str:
 # %% ../../nbs/13b_mgs_experiments.ipynb #c026
 def _run_compare_cli(args) -> int:
     config = config_from_args(CompareConfig, args)
-    if args.minutes is not None:
-        _check_positive(args.minutes, "--minutes")
-    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    stop = deadline_after(args.minutes)
     args.resume = False                                  # finished members in <save>/members are always reused
     record = start_run(args, config, name="mgs-compare")
     progress = False if args.no_progress else None
-    members = run_compare(config, device=args.device, save_dir=args.save, deadline=deadline, progress=progress)
+    members = run_compare(config, device=args.device, save_dir=args.save, deadline=stop, progress=progress)
     planned = len(config.seeds) * len(config.methods)
     summary = summarize_compare(members)
-    record.finish(complete=len(members) == planned, members=len(members), planned=planned,
-                  passes_per_step=config.passes_per_step,
-                  model_seconds=round(sum(m["seconds"] for m in members), 1), summary=summary,
-                  results=[{k: m[k] for k in ("method", "seed", "metrics", "pretrained", "passes", "seconds")}
-                           for m in members])
-    if not is_main_process():
-        return 0
-    print(f"{len(members)} of {planned} members; every method spent {config.passes_per_step} sequence passes per "
-          f"step for {config.finetune_steps} steps")
+    table = (f"{len(members)} of {planned} members; every method spent {config.passes_per_step} sequence passes per "
+             f"step for {config.finetune_steps} steps")
     if members:
-        print(format_compare_table(summary))
-    if len(members) < planned:
-        print("run the same command again to continue")
-    print(f"record: {record.path}")
+        table += "\n" + format_compare_table(summary)
+    finish_members(record, members, planned, summary, table=table, passes_per_step=config.passes_per_step,
+                   results=[{k: m[k] for k in ("method", "seed", "metrics", "pretrained", "passes", "seconds")}
+                            for m in members])
+    if is_main_process():
+        print(f"record: {record.path}")
     return 0
 
 # %% ../../nbs/13b_mgs_experiments.ipynb #c027
@@ -695,6 +689,5 @@ def register_cli(subparsers) -> None:
                                           "comparison's seeds are --seeds.")
     add_config_arguments(q, CompareConfig)
     add_run_arguments(q, name="mgs-compare", checkpoint_every=None)
-    q.add_argument("--minutes", type=float, default=None,
-                   help="start no new member after this many minutes; run the command again to continue")
+    add_minutes_argument(q)
     q.set_defaults(run=_run_compare_cli)

@@ -18,8 +18,9 @@ from ..models.transformer import TransformerConfig
 from ..seq2seq import SEQ2SEQ_MASKS, greedy_generate, seq2seq_loss, seq2seq_mask
 from ..simbert import SimBert, pretrained_small_bert_path
 from ..text import SPECIAL_TOKENS, CharTokenizer, Tokenizer, peoples_daily
-from ..training import (FitResult, MemberStore, add_config_arguments, add_run_arguments, config_from_args,
-                              fit, init_distributed, is_main_process, resolve_device, start_run)
+from ..training import (FitResult, MemberStore, add_config_arguments, add_minutes_argument,
+                              add_run_arguments, config_from_args, deadline_after, finish_members, fit,
+                              init_distributed, is_main_process, resolve_device, start_run)
 from ..utils import check_positive_int, load_state_dict_strict, mean_interval
 
 # %% auto #0
@@ -563,17 +564,13 @@ def plot_seq2seq_init(summary: dict, axes=None, *, title: str | None = None):
 # %% ../../nbs/05b_unilm_seq2seq_experiments.ipynb #c120
 def _run_init_cli(args) -> int:
     config = config_from_args(Seq2SeqInitConfig, args)
-    if args.minutes is not None and not (math.isfinite(args.minutes) and args.minutes >= 0):
-        raise ValueError(f"--minutes must be a number >= 0, got {args.minutes}")
-    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    stop = deadline_after(args.minutes)
     args.resume = False                                       # finished members in <save>/members are always reused
     record = start_run(args, config, name="seq2seq-init")
-    members = run_seq2seq_init(config, device=args.device, save_dir=args.save, deadline=deadline,
+    members = run_seq2seq_init(config, device=args.device, save_dir=args.save, deadline=stop,
                                progress=False if args.no_progress else None)
-    done = len(members) == len(config.runs())
     summary = summarize_seq2seq_init(members) if members else None
-    if summary is not None:
-        print(format_seq2seq_init_table(summary))
+    if summary is not None and is_main_process():
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -581,10 +578,8 @@ def _run_init_cli(args) -> int:
         fig = plot_seq2seq_init(summary, title=f"{len(members)} models, {config.steps} steps each")
         fig.savefig(Path(args.save) / "curves.png", dpi=110)
         plt.close(fig)
-    if not done:
-        print(f"{len(members)} of {len(config.runs())} models done: run the same command again to continue")
-    record.finish(complete=done, members=len(members), model_seconds=round(sum(m["seconds"] for m in members), 1),
-                  summary=summary)
+    finish_members(record, members, len(config.runs()), summary,
+                   table=None if summary is None else format_seq2seq_init_table(summary))
     return 0
 
 
@@ -599,6 +594,5 @@ def _register_init_cli(subparsers) -> None:
                                           "<save>/members/ at once and reused when the command is run again.")
     add_config_arguments(p, Seq2SeqInitConfig)
     add_run_arguments(p, name="seq2seq-init", checkpoint_every=None)
-    p.add_argument("--minutes", type=float, default=None,
-                   help="start no new model after this many minutes; run the command again to continue")
+    add_minutes_argument(p)
     p.set_defaults(run=_run_init_cli)

@@ -27,8 +27,9 @@ from ..search import SentenceIndex
 from ..simbert import (SimBert, pack_pairs, pad_rows, pretrained_small_bert_path, simbert_checkpoint_path,
                              simbert_loss, with_global_scale)
 from ..text import CharTokenizer, Tokenizer, peoples_daily_path, read_lines, split_sentences
-from ..training import (FitResult, MemberStore, add_config_arguments, add_run_arguments, config_from_args,
-                              fit, is_main_process, start_run)
+from ..training import (FitResult, MemberStore, add_config_arguments, add_minutes_argument,
+                              add_run_arguments, config_from_args, deadline_after, finish_members, fit,
+                              is_main_process, start_run)
 from ..utils import check_positive_int, check_tensor, check_text, mean_interval, wilson_interval
 
 # %% auto #0
@@ -1337,18 +1338,13 @@ def _run_search(args) -> int:
 
 def _run_ablation(args) -> int:
     config = config_from_args(SimBertAblationConfig, args)
-    deadline = None if args.minutes is None else time.time() + 60 * args.minutes
+    stop = deadline_after(args.minutes)
     args.resume = False                                       # finished members in <save>/members are always reused
     record = start_run(args, config, name="simbert-ablation")
-    members = run_simbert_ablation(config, device=args.device, save_dir=args.save, deadline=deadline,
+    members = run_simbert_ablation(config, device=args.device, save_dir=args.save, deadline=stop,
                                    progress=not args.no_progress)
-    done, summary = len(members) == len(config.runs()), summarize_ablation(members)
-    if is_main_process():
-        print(format_ablation_table(summary))
-        if not done:
-            print(f"{len(members)} of {len(config.runs())} models done: run the same command again to continue")
-    record.finish(complete=done, members=len(members), model_seconds=round(sum(m["seconds"] for m in members), 1),
-                  summary=summary)
+    summary = summarize_ablation(members)
+    finish_members(record, members, len(config.runs()), summary, table=format_ablation_table(summary))
     return 0
 
 
@@ -1401,8 +1397,7 @@ def register_cli(subparsers) -> None:
                                    "<save>/members/ at once and reused when the command is run again.")
     add_config_arguments(q, SimBertAblationConfig)
     add_run_arguments(q, name="simbert-ablation", checkpoint_every=None)
-    q.add_argument("--minutes", type=float, default=None,
-                   help="start no new model after this many minutes; run the command again to continue")
+    add_minutes_argument(q)
     q.set_defaults(run=_run_ablation)
 
     q = sub.add_parser("paraphrase", help="sample paraphrases, re-ranked by cosine to the input",
