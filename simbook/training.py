@@ -675,7 +675,7 @@ class MemberStore:
             write_json(self.directory / f"{name}.json", member)
         return member
 
-# %% ../nbs/00b_training.ipynb #c002
+# %% ../nbs/00b_training.ipynb #351dcd32
 def add_minutes_argument(parser: argparse.ArgumentParser) -> None:
     """`--minutes M` of a many-model command. Defined in: *One trainer*, section "Experiments of many models"."""
     parser.add_argument("--minutes", type=float, default=None,
