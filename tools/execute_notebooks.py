@@ -33,6 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from renumber import nb_to_str, renumber_nb  # noqa: E402
 
 CELL_TIMEOUT_S = 300
+# The numerics the stored outputs are computed with: the Makefile's global exports plus its
+# notebook-target ones (nbval, notebooks). Set here too, so that running this script by
+# hand stores what nbval will compare against (nbs/00_conventions.ipynb, "Seeds and threads").
+NOTEBOOK_NUMERICS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_CBWR": "COMPATIBLE",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "OMP_NUM_THREADS": "2",
+    "MKL_NUM_THREADS": "2",
+    "PYTHONHASHSEED": "0",
+}
 DEFAULT_BUDGET_S = 90.0
 KERNEL = "python3"
 
@@ -140,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # same defaults as tests/conftest.py, so stored outputs match what nbval sees
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    for name, value in NOTEBOOK_NUMERICS.items():
+        if os.environ.get(name, value) != value:
+            print(f"note: {name}={os.environ[name]} replaced by {value} for the notebooks", file=sys.stderr)
+        os.environ[name] = value
     # The kernel inherits our environment, and ipykernel only selects the inline
     # matplotlib backend when MPLBACKEND is unset: MPLBACKEND=Agg (as the Makefile
     # exports) would silently drop every figure from the stored outputs.
