@@ -73,8 +73,12 @@ sync: nbdev-export
 	fi
 	@echo "simbook/ is in sync with nbs/"
 
+# Two workers of one torch thread each (a test file stays on one worker, with its
+# fixtures): most unit tests are small ops that gain little from a second thread.
+pytest: export OMP_NUM_THREADS := 1
+pytest: export MKL_NUM_THREADS := 1
 pytest: venv
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests -n 2 --dist loadfile
 
 nbval: venv
 	$(BIN)/pytest nbs
