@@ -880,7 +880,7 @@ def test_fast_path_log_probs_equal_the_general_path(case):
         token = torch.multinomial(b.exp(), 1, generator=generator)[:, 0]       # any tokens, not only likely ones
         a, b = fast.step(token), general.step(token)
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
-        if t == steps // 2:                                                    # beam search's row shuffling
+        if t % 2 == 0:                               # beam search's row shuffling, repeated (rows copied in place)
             index = torch.randint(len(prompts), (len(prompts),), generator=generator)
             fast.reorder(index)
             general.reorder(index)
@@ -1222,3 +1222,16 @@ def test_train_language_model_with_the_trainer_is_deterministic_and_learns():
     assert sum(runs[0][-5:]) < 0.8 * sum(runs[0][:5])
     with pytest.raises(ValueError, match="batch_size"):
         train_language_model(model, corpus.tokenizer, corpus.train[:3], steps=1, batch_size=8, device="cpu")
+
+
+def test_fast_path_reorder_that_changes_the_row_count():
+    """Keeping more or fewer rows than there are (not beam search's case) copies whole caches on both paths."""
+    model = _gpt(seed=5, vocab=19)
+    ids, valid = _pad_batch([[4, 9, 1], [7], [2, 2, 5]])
+    fast, general = StepDecoder(model, fast=True), StepDecoder(model, fast=False)
+    fast.prefill(ids, valid), general.prefill(ids, valid)
+    for index in (torch.tensor([2, 0, 0, 1, 2]), torch.tensor([4, 1])):
+        fast.reorder(index)
+        general.reorder(index)
+        token = torch.arange(len(index)) + 3
+        torch.testing.assert_close(fast.step(token), general.step(token), atol=2e-5, rtol=0)

@@ -183,7 +183,7 @@ def test_command_runs_workers_and_continues(tmp_path):
     record = json.loads((save / "record.json").read_text())
     assert record["status"] == "finished" and record["final"]["models_done"] == 4
     results = sorted((save / "results").glob("*.json"))
-    assert len(results) == 4
+    assert len(results) == 4 and not list((save / "results").glob("*.claim"))      # every claim released
     before = {p.name: p.read_text() for p in results}
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)     # finished models are reused
     assert again.returncode == 0, again.stderr
@@ -191,3 +191,43 @@ def test_command_runs_workers_and_continues(tmp_path):
     assert "4 of 4 models" in again.stdout
     bad = subprocess.run(command + ["--decoders", "beam 9"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "beam 9" in bad.stderr
+
+
+def test_workers_skip_models_another_worker_claimed(tmp_path):
+    """A worker of `--jobs` runs only models nobody has claimed, so the workers never run one model twice."""
+    from simbook.experiments.decoding import _result_path, run_non_termination_scale
+    config = ScaleConfig(architectures=("tanh",), epsilons=(0.01,), seeds=1, steps=2, width=8, cap=6, contexts=2,
+                         lengths=(6,), decoders=("greedy",), max_chars=24)
+    claimed = _result_path(tmp_path, "tanh", "vanilla", 0)
+    claimed.parent.mkdir(parents=True)
+    claimed.with_suffix(".claim").touch()                          # another worker is running the vanilla model
+    ran = run_non_termination_scale(config, device="cpu", save_dir=tmp_path, shard=(0, 2))
+    assert [r["variant"] for r in ran] == ["ST 0.01"] and not claimed.exists()
+    assert not _result_path(tmp_path, "tanh", "ST 0.01", 0).with_suffix(".claim").exists()
+
+
+def test_workers_get_the_threads_and_minutes_of_the_command(tmp_path, monkeypatch):
+    """`--jobs` passes `--threads` and `--minutes` on to every worker (two workers of default threads on two cores
+    would each run torch's default thread count: oversubscribed)."""
+    from types import SimpleNamespace
+
+    import simbook.experiments.decoding as decoding
+    from simbook.cli import main
+    launched = []
+
+    class Worker:
+        def __init__(self, command):
+            launched.append(command)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(decoding, "subprocess", SimpleNamespace(Popen=Worker))     # only the module's own name
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "tanh-vanilla-seed0.claim").touch()          # stale, from an interrupted run
+    assert main(["non-termination-scale", "--device", "cpu", "--save", str(tmp_path), "--architectures", "tanh",
+                 "--jobs", "2", "--threads", "1", "--minutes", "5", "--no-progress"]) == 0
+    assert len(launched) == 2 and not list((tmp_path / "results").glob("*.claim"))
+    for i, command in enumerate(launched):
+        assert command[command.index("--threads") + 1] == "1" and float(command[command.index("--minutes") + 1]) == 5
+        assert command[command.index("--shard") + 1] == f"{i}/2"

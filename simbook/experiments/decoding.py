@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -546,13 +547,26 @@ def _result_path(save_dir: Path, architecture: str, variant: str, seed: int) -> 
     return Path(save_dir) / "results" / f"{architecture}-{variant.replace(' ', '')}-seed{seed}.json"
 
 
+def _claim(result_path: Path) -> bool:
+    # True for the one worker that creates `<model>.claim` (O_EXCL: atomic, whoever comes second gets False)
+    result_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(result_path.with_suffix(".claim"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
 def run_non_termination_scale(config: ScaleConfig, *, device: str = "auto", save_dir=None, shard: tuple[int, int] = (0, 1),
                               progress=False, deadline: float | None = None) -> list[dict]:
-    """Run `config.runs()` (those of this `shard` = (index, count)), each one's results written to
-    `save_dir/results/<model>.json` as soon as it is done; models already there are read back, not rerun, so an
-    interrupted run continues where it stopped (a model made with another configuration is refused). `deadline` (a `time.time()`): start no model after it.
-    Returns the results of this shard. Defined in: *Seq2seq that won't stop: the experiment*, section "At the
-    paper's scale"."""
+    """Run `config.runs()`, each model's results written to `save_dir/results/<model>.json` as soon as it is done;
+    models already there are read back, not rerun, so an interrupted run continues where it stopped (a model made
+    with another configuration is refused). `deadline` (a `time.time()`): start no model after it.
+
+    `shard = (index, count)` splits the models among `count` workers. With `save_dir`, each worker takes the next
+    model that no other has claimed (a `<model>.claim` file), so one slow model (a vanilla one decodes to the cap)
+    does not hold up the rest; without it, worker `index` runs every `count`-th model. Returns the results this
+    worker read or ran. Defined in: *Seq2seq that won't stop: the experiment*, section "At the paper's scale"."""
     index, count = shard
     if not (isinstance(index, int) and isinstance(count, int) and 0 <= index < count):
         raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard}")
@@ -560,20 +574,24 @@ def run_non_termination_scale(config: ScaleConfig, *, device: str = "auto", save
                               min_test=config.contexts)
     results = []
     for number, (architecture, variant, seed) in enumerate(config.runs()):
-        if number % count != index:
-            continue
         path = None if save_dir is None else _result_path(save_dir, architecture, variant, seed)
+        if path is None and number % count != index:
+            continue
         if path is not None and path.is_file():
             result = json.loads(path.read_text(encoding="utf-8"))
             if result.get("model_config") != model_config(config):
                 raise ValueError(f"{path} was made with another configuration; choose another --save folder")
-            results.append(result)
+            if number % count == index:                         # each finished model counted by one worker
+                results.append(result)
             continue
         if deadline is not None and time.time() > deadline:
             break
+        if path is not None and count > 1 and not _claim(path):
+            continue                                            # another worker has it
         result = run_scale_model(architecture, variant, seed, config, corpus, device=device, progress=progress)
         if path is not None:
             write_json(path, result)
+            path.with_suffix(".claim").unlink(missing_ok=True)
         results.append(result)
     return results
 
@@ -597,6 +615,8 @@ def _run_scale_cli(args) -> int:
     config = config_from_args(ScaleConfig, args)
     stop = deadline_after(args.minutes)
     if args.shard is not None:                                  # a worker of --jobs: results only, no record
+        if args.threads is not None:
+            torch.set_num_threads(check_positive_int(args.threads, "threads"))
         index, count = (int(x) for x in args.shard.split("/"))
         run_non_termination_scale(config, device=args.device, save_dir=args.save, shard=(index, count),
                                   deadline=stop)
@@ -609,6 +629,10 @@ def _run_scale_cli(args) -> int:
                    "--device", args.device, "--save", str(args.save), "--no-progress"]
         if args.minutes is not None:
             command += ["--minutes", str(args.minutes)]
+        if args.threads is not None:                            # each worker's torch threads
+            command += ["--threads", str(args.threads)]
+        for stale in (Path(args.save) / "results").glob("*.claim"):    # left by workers of an interrupted run
+            stale.unlink()
         workers = [subprocess.Popen(command + ["--shard", f"{i}/{args.jobs}"]) for i in range(args.jobs)]
         failed = [i for i, worker in enumerate(workers) if worker.wait() != 0]
         if failed:
