@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXT_DIR = ROOT / "book" / "_ext"
 sys.path.insert(0, str(EXT_DIR))
-from nbdev_cells import notebook_modules, parse_directives  # noqa: E402
+from nbdev_cells import notebook_modules, parse_directives, private_segments  # noqa: E402
 
 JUPYTER_BOOK = Path(sys.executable).parent / "jupyter-book"
 
@@ -71,6 +71,7 @@ def tiny_site(tmp_path_factory):
         _code("print('PLAIN-SOURCE')", [_stream("PLAIN-OUTPUT\n")]),
         _code("#| echo: false\nprint('ECHO-SOURCE')", [_stream("ECHO-OUTPUT\n")]),
         _code("#| export\n"),  # nothing left after the directive: dropped
+        _code("#| export\ndef _check_helper(x):\n    return x\n\n\ndef visible_fn(x):\n    return _check_helper(x)"),
     ]
     nb = {
         "cells": cells,
@@ -135,7 +136,7 @@ def test_exports_note_once_with_all_modules(tiny_site):
 
 def test_export_labels(tiny_site):
     html, _ = tiny_site
-    assert html.count('class="nbdev-export-label"') == 3  # export, export other.mod, exporti
+    assert html.count('class="nbdev-export-label"') == 4  # export, export other.mod, exporti, the helper cell
     label = 'exported to <code class="docutils literal notranslate">'
     assert html.index(label + _literal("mylib.mymod")) < html.index("exported_fn")
     assert html.index(label + _literal("mylib.other.mod")) < html.index("other_fn")
@@ -149,3 +150,31 @@ def test_search_index_has_no_directives(tiny_site):
     assert "default_exp" not in index and "hidden" not in index.lower()
     assert (html_dir / "_static" / "nbdev_cells.css").is_file()
 
+
+
+def test_private_helpers_are_folded(tiny_site):
+    """The private helper of a cell sits in a closed <details> named after it; the public code beside it stays open."""
+    html, _ = tiny_site
+    assert html.count('<details class="nbdev-private">') == 1
+    folded = html[html.index('<details class="nbdev-private">'):]
+    folded = folded[:folded.index("</details>")]
+    assert "<summary>private helpers: _check_helper</summary>" in folded and "visible_fn" not in folded
+    assert html.index("</details>") < html.index("visible_fn")
+    assert "_internal_thing" not in folded                     # a private constant alone is not a helper
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("def _a(): pass\n\n\ndef b(): pass", [["_a"], []]),
+    ("import x\n\n# why\n@deco\ndef _a():\n    return 1\n_T = 2\n\nclass B: pass", [[], ["_a", "_T"], []]),
+    ("def b(): pass", None),                                   # nothing private
+    ("_T = 1", None),                                          # a private constant alone
+    ("def _a(): pass\nprint(_a())", None),                    # not only definitions
+    ("def _a(:", None),                                        # not Python
+])
+def test_private_segments(code, expected):
+    pieces = private_segments(code)
+    if expected is None:
+        assert pieces is None
+        return
+    assert [names for _, names in pieces] == expected
+    assert "\n".join(text for text, _ in pieces).split() == code.split()    # nothing lost, nothing added

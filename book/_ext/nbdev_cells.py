@@ -17,6 +17,10 @@ search) this extension, on every page that has such cells:
 * puts a small label "exported to `lib.mod`" above the code of cells with
   `#| export` / `#| exports` / `#| exporti` (with nbdev 2's optional module
   argument, `#| export other.mod`);
+* folds the private helpers of a cell of definitions (functions and classes
+  whose names start with `_`, and `_CONSTANTS` beside them) into closed
+  `<details>` whose summaries name them, so that a chapter's first screen is
+  its prose and the code that computes it, not argument checking;
 * adds once, below the page title, "This chapter exports `lib.a`, `lib.b`."
   with every module of the notebook (default_exp + export overrides), read from
   the notebook file itself so that cells removed by tags still count.
@@ -27,7 +31,9 @@ Configuration (conf.py / jupyter-book `sphinx: config:`):
 """
 from __future__ import annotations
 
+import ast
 import configparser
+import html
 import json
 import re
 from pathlib import Path
@@ -76,6 +82,71 @@ def parse_directives(source: str) -> tuple[dict[str, list[str]], str]:
         i = len(lines)
     code = "\n".join(kept + lines[i:]).strip("\n")
     return directives, code
+
+
+def _defined_names(node: ast.stmt) -> list[str] | None:
+    # names a top-level statement defines; [] for imports and docstrings; None for anything else
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    if isinstance(node, (ast.Assign, ast.AnnAssign)):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return [t.id for t in targets] if all(isinstance(t, ast.Name) for t in targets) else None
+    if isinstance(node, (ast.Import, ast.ImportFrom)) or (
+            isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)):
+        return []
+    return None
+
+
+def private_segments(code: str) -> list[tuple[str, list[str]]] | None:
+    """Split a cell's code into consecutive pieces `(text, names)`: `names` lists what a piece of private
+    definitions defines (functions, classes and `_CONSTANTS`, all starting with `_`); `[]` marks a public piece.
+    None when the cell defines no private function or class, or holds anything but definitions, imports and
+    docstrings. A statement takes the comments and blank lines above it."""
+    try:
+        tree = ast.parse(code)
+    except SyntaxError:
+        return None
+    named = [_defined_names(node) for node in tree.body]
+    if not tree.body or any(names is None for names in named):
+        return None
+    if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name.startswith("_")
+               for n in tree.body):
+        return None
+    lines = code.split("\n")
+    cuts = [0] + [node.end_lineno for node in tree.body[:-1]] + [len(lines)]
+    pieces: list[tuple[list[str], list[str]]] = []
+    for i, names in enumerate(named):
+        private = bool(names) and all(n.startswith("_") for n in names)
+        block = lines[cuts[i]:cuts[i + 1]]
+        if pieces and bool(pieces[-1][1]) == private:
+            pieces[-1][0].extend(block)
+            pieces[-1][1].extend(names if private else [])
+        else:
+            pieces.append((list(block), list(names) if private else []))
+    return [("\n".join(block).strip("\n"), names) for block, names in pieces]
+
+
+def _fold(src_box: nodes.Element, pieces: list[tuple[str, list[str]]]) -> None:
+    """Replace the cell's code block by one block per piece, each private piece inside a closed `<details>` whose
+    summary names what it defines (the "exported to" label stays above them all)."""
+    literal = next(iter(src_box.findall(nodes.literal_block)))
+    parent = literal.parent
+    at = parent.index(literal)
+    parent.remove(literal)
+    group: list[nodes.Node] = []
+    for text, names in pieces:
+        block = literal.deepcopy()
+        block.rawsource = text
+        block.children = []
+        block += nodes.Text(text)
+        if names:
+            summary = html.escape("private helpers: " + ", ".join(names))
+            group += [nodes.raw("", f'<details class="nbdev-private"><summary>{summary}</summary>', format="html"),
+                      block, nodes.raw("", "</details>", format="html")]
+        else:
+            group.append(block)
+    for offset, node in enumerate(group):
+        parent.insert(at + offset, node)
 
 
 def _is_false(args: list[str]) -> bool:
@@ -222,6 +293,12 @@ def process_doctree(app, doctree: nodes.document) -> None:
             for c in cell.children
         ):
             cell.parent.remove(cell)
+
+    for cell in [n for n in doctree.findall(nodes.container) if n.get("nb_element") == "cell_code"]:
+        src_box = _child(cell, "cell_code_source")
+        pieces = private_segments(parse_directives(source_of(cell))[1]) if src_box is not None else None
+        if pieces:
+            _fold(src_box, pieces)
 
     if modules:
         note = _exports_note(modules)

@@ -643,7 +643,9 @@ def _run_scale_cli(args) -> int:
     results = load_scale_results(args.save)
     summary = summarize_scale(results)
     record.data["models"] = results
-    record.finish(summary=summary, models_done=len(results), models_planned=len(config.runs()))
+    # model_seconds: the models' own times, whichever invocation ran them (a run continued in pieces)
+    record.finish(summary=summary, models_done=len(results), models_planned=len(config.runs()),
+                  model_seconds=round(sum(r["seconds"] for r in results), 1))
     print(f"{len(results)} of {len(config.runs())} models; r_L at L={config.lengths[-1]} (mean ± sd over seeds "
           f"[pooled 95% interval]):")
     print(format_scale_table(summary))
