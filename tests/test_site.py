@@ -235,6 +235,12 @@ def test_page(docname, browser, server, shots):
                                                  f"({scroll} px of content in {client} px)"
             assert re.search(r"^\d+\.\s", page.locator("article h1").first.inner_text()), \
                 "chapter title is not numbered"
+            # private helpers are folded: closed <details> with a visible summary that names them
+            folded = page.locator("article details.nbdev-private")
+            for i in range(folded.count()):
+                assert folded.nth(i).get_attribute("open") is None, "a folded helper is open"
+                summary = folded.nth(i).locator("summary")
+                assert summary.is_visible() and summary.inner_text().startswith("private helpers: _")
     finally:
         page.close()
 
