@@ -586,8 +586,12 @@ def run_non_termination_scale(config: ScaleConfig, *, device: str = "auto", save
             continue
         if deadline is not None and time.time() > deadline:
             break
-        if path is not None and count > 1 and not _claim(path):
-            continue                                            # another worker has it
+        if path is not None and count > 1:
+            if not _claim(path):
+                continue                                        # another worker has it
+            if path.is_file():                                  # it finished (and let go) since the check above
+                path.with_suffix(".claim").unlink()
+                continue
         result = run_scale_model(architecture, variant, seed, config, corpus, device=device, progress=progress)
         if path is not None:
             write_json(path, result)
