@@ -1172,6 +1172,19 @@ def test_paragraph_corpus_split_vocabulary_and_prompts():
     assert corpus.tokenizer.decode(prompts[0, 1:].tolist()).replace(" ", "") == corpus.test[0][:3]
 
 
+def test_paragraph_corpus_holds_out_what_the_contexts_need():
+    """The paper's 1,000 real contexts: the split moves so that 1,000 paragraphs are held out (the 90/10 split of
+    this corpus holds out about 300), the same paragraphs in the same order, and never more than half."""
+    from simbook.experiments.decoding import ScaleConfig, paragraph_corpus
+    config = ScaleConfig()
+    kw = dict(prompt_chars=config.prompt_chars, max_chars=config.max_chars, vocab=config.vocab)
+    usual, more = paragraph_corpus(**kw, min_test=1), paragraph_corpus(**kw, min_test=config.contexts)
+    assert len(usual.test) < config.contexts == len(more.test)
+    assert usual.train + usual.test == more.train + more.test and more.train == usual.train[:len(more.train)]
+    with pytest.raises(ValueError, match="at most half"):
+        paragraph_corpus(**kw, min_test=len(usual.train))
+
+
 @pytest.mark.parametrize("kw,match", [(dict(prompt_chars=0), "prompt_chars"), (dict(vocab=-1), "vocab"),
                                       (dict(min_test=10**9), "held-out")])
 def test_paragraph_corpus_refuses_bad_settings(kw, match):
