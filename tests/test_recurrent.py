@@ -231,3 +231,24 @@ def test_workers_get_the_threads_and_minutes_of_the_command(tmp_path, monkeypatc
     for i, command in enumerate(launched):
         assert command[command.index("--threads") + 1] == "1" and float(command[command.index("--minutes") + 1]) == 5
         assert command[command.index("--shard") + 1] == f"{i}/2"
+
+
+def test_a_model_finished_while_being_claimed_is_not_run_again(tmp_path, monkeypatch):
+    """A worker that claims a model another worker has just finished (result written, claim let go, between this
+    worker's check and its claim) lets it go: no model runs twice."""
+    import simbook.experiments.decoding as decoding
+    config = ScaleConfig(architectures=("tanh",), epsilons=(0.01,), seeds=1, steps=2, width=8, cap=6, contexts=2,
+                         lengths=(6,), decoders=("greedy",), max_chars=24)
+    claim = decoding._claim
+
+    def claim_after_the_other_worker_finished(path):
+        if "vanilla" in path.name:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text('{"by": "the other worker"}')
+        return claim(path)
+
+    monkeypatch.setattr(decoding, "_claim", claim_after_the_other_worker_finished)
+    ran = decoding.run_non_termination_scale(config, device="cpu", save_dir=tmp_path, shard=(1, 2))
+    vanilla = decoding._result_path(tmp_path, "tanh", "vanilla", 0)
+    assert [r["variant"] for r in ran] == ["ST 0.01"]
+    assert vanilla.read_text() == '{"by": "the other worker"}' and not list(tmp_path.glob("results/*.claim"))
