@@ -148,3 +148,17 @@ def test_torchrun_refuses_a_batch_it_cannot_share(tmp_path):
                        "--device", "cpu", "--no-progress", "--save", str(tmp_path / "odd"))
     assert result.returncode != 0                      # each process exits with 2; torchrun reports the failure
     assert "error: a global batch of 7 examples cannot be split into 2 equal processes" in result.stderr
+
+
+def test_readme_lists_every_command():
+    """README's table of long runs names every `simbook` subcommand (the commands a user finds first)."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from simbook.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    listed = set(re.findall(r"`simbook ([a-z0-9-]+)", readme))
+    assert set(commands) <= listed, sorted(set(commands) - listed)
