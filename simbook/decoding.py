@@ -214,16 +214,24 @@ def _check_decoding_args(decoder, input_ids, valid, max_new_tokens, min_new_toke
 
 def stream(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
            max_new_tokens: int, eos_id: int | None = None, min_new_tokens: int = 0, pad_id: int = 0,
-           choose: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Iterator[torch.Tensor]:
+           choose: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           drop_finished: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row `[B]` at each step; rows that ended yield `pad_id`.
 
-    `choose` maps (normalised) log-probs `[B, V]` to tokens `[B]` (default: argmax, i.e. greedy). Stops when every row has
-    emitted `eos_id` or after `max_new_tokens`; `<eos>` is forbidden before `min_new_tokens`.
+    `choose` maps (normalised) log-probs `[R, V]` to tokens `[R]` (default: argmax, i.e. greedy). Stops when every row has
+    emitted `eos_id` or after `max_new_tokens`; `<eos>` is forbidden before `min_new_tokens`. By default ended rows stay
+    in the decoder's batch (R = B). `drop_finished=True` removes them (`decoder.reorder`) each time a quarter of the
+    batch has ended, so that later steps cost only the rows still running. Greedy tokens are the same (a smaller batch
+    may round the model's products differently, which matters only at exact near-ties); a sampler draws from the same
+    distributions, but its generator's numbers then fall on other rows.
     Defined in: *Seq2seq that won't stop*, section "Greedy decoding and sampling, streamed"."""
     valid = _check_decoding_args(decoder, input_ids, valid, max_new_tokens, min_new_tokens, eos_id, pad_id)
     choose = (lambda lp: lp.argmax(-1)) if choose is None else choose
     log_probs = decoder.prefill(input_ids.to(decoder.device), valid.to(decoder.device), eos_id=eos_id)
+    if not isinstance(drop_finished, bool):
+        raise TypeError(f"drop_finished must be True or False, got {type(drop_finished).__name__}")
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=decoder.device)
+    rows = None                                           # the rows still in the decoder's batch (None: all)
     for t in range(max_new_tokens):
         if eos_id is None:                                # nothing ends a row: no bookkeeping, no host sync
             tokens = choose(log_probs)
@@ -234,13 +242,26 @@ def stream(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | 
         if t < min_new_tokens:                            # forbid <eos>, renormalise what is left
             log_probs = log_probs.index_fill(1, torch.tensor([eos_id], device=log_probs.device),
                                              float("-inf")).log_softmax(-1)
-        tokens = torch.where(done, pad_id, choose(log_probs))
+        chosen = choose(log_probs)
+        if rows is None:
+            tokens = torch.where(done, pad_id, chosen)
+        else:
+            tokens = torch.full_like(done, pad_id, dtype=chosen.dtype)
+            tokens[rows] = torch.where(done[rows], pad_id, chosen)
         yield tokens
         done |= tokens == eos_id
         if t == max_new_tokens - 1 or done.all():
             return
-        # ended rows keep running (their outputs are discarded); feed them <eos>, a token the model knows
-        log_probs = decoder.step(torch.where(done, eos_id, tokens), eos_id=eos_id)
+        ended = done if rows is None else done[rows]
+        if drop_finished and 4 * int(ended.sum()) >= len(ended):      # a host sync, as done.all() above
+            keep = (~ended).nonzero().squeeze(1)
+            decoder.reorder(keep)
+            rows = keep if rows is None else rows[keep]
+            ended = ended[keep]
+        running = tokens if rows is None else tokens[rows]
+        # ended rows still in the batch keep running (their outputs are discarded); feed them <eos>, a token the
+        # model knows
+        log_probs = decoder.step(torch.where(ended, eos_id, running), eos_id=eos_id)
 
 
 def _collect(steps: Iterator[torch.Tensor], eos_id: int | None, pad_id: int) -> DecodingOutput:
@@ -256,18 +277,20 @@ def _collect(steps: Iterator[torch.Tensor], eos_id: int | None, pad_id: int) -> 
 
 
 def greedy(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
-           max_new_tokens: int, eos_id: int | None = None, min_new_tokens: int = 0, pad_id: int = 0) -> DecodingOutput:
-    """Greedy decoding: the most probable token at every step. Defined in: *Seq2seq that won't stop*, section
-    "Greedy decoding and sampling, streamed"."""
+           max_new_tokens: int, eos_id: int | None = None, min_new_tokens: int = 0, pad_id: int = 0,
+           drop_finished: bool = False) -> DecodingOutput:
+    """Greedy decoding: the most probable token at every step (`drop_finished`: see `stream`; the tokens are the
+    same either way). Defined in: *Seq2seq that won't stop*, section "Greedy decoding and sampling, streamed"."""
     return _collect(stream(decoder, input_ids, valid, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                           min_new_tokens=min_new_tokens, pad_id=pad_id), eos_id, pad_id)
+                           min_new_tokens=min_new_tokens, pad_id=pad_id, drop_finished=drop_finished), eos_id, pad_id)
 
 
 def sample(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
            max_new_tokens: int, eos_id: int | None = None, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, consistent: bool = False, min_new_tokens: int = 0, pad_id: int = 0,
-           generator: torch.Generator | None = None) -> DecodingOutput:
+           generator: torch.Generator | None = None, drop_finished: bool = False) -> DecodingOutput:
     """Ancestral sampling with temperature, optionally restricted to top-k and/or a nucleus (consistently or not).
+    `drop_finished`: see `stream`.
 
     Defined in: *Seq2seq that won't stop*, section "Greedy decoding and sampling, streamed"."""
     if not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
@@ -286,7 +309,8 @@ def sample(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | 
         return index.gather(-1, pick)[:, 0]
 
     return _collect(stream(decoder, input_ids, valid, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                           min_new_tokens=min_new_tokens, pad_id=pad_id, choose=choose), eos_id, pad_id)
+                           min_new_tokens=min_new_tokens, pad_id=pad_id, choose=choose,
+                           drop_finished=drop_finished), eos_id, pad_id)
 
 # %% ../nbs/08_decoding.ipynb #c017
 class PackedGPT:
@@ -424,11 +448,14 @@ class PackedGPT:
 def beam_search(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
                 beam_width: int, max_new_tokens: int, eos_id: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, num_return: int = 1, min_new_tokens: int = 0,
-                pad_id: int = 0) -> DecodingOutput:
+                pad_id: int = 0, drop_finished: bool = False) -> DecodingOutput:
     """Beam search with Hugging Face `generate`'s rules (scores are summed log-probs; a finished hypothesis of $n$
     generated tokens is ranked by score / n**length_penalty; `early_stopping` True, False or "never").
 
     Returns the `num_return` best hypotheses per prompt, rows ordered prompt-major: `[B * num_return, L]`.
+    `drop_finished=True` removes the beams of prompts whose n-best list can no longer change from the decoder's batch
+    (each time a quarter of the prompts are settled): the same hypotheses (up to the rounding of a smaller batch),
+    fewer rows to run.
     Defined in: *Seq2seq that won't stop*, section "Beam search"."""
     if eos_id is None:
         raise ValueError("beam search needs an eos_id")
@@ -441,6 +468,8 @@ def beam_search(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tens
         raise ValueError(f"num_return ({num_return}) exceeds beam_width ({W})")
     if not (isinstance(early_stopping, bool) or early_stopping == "never"):
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+    if not isinstance(drop_finished, bool):
+        raise TypeError(f"drop_finished must be True or False, got {type(drop_finished).__name__}")
     device, NEG = decoder.device, -1.0e9
     B, V, K = input_ids.shape[0], decoder.vocab_size, 2 * W
     log_probs = decoder.prefill(input_ids.repeat_interleave(W, 0).to(device),
@@ -454,6 +483,8 @@ def beam_search(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tens
     best_filled = torch.zeros((B, W), dtype=torch.bool, device=device)
     improvable = torch.ones((B, 1), dtype=torch.bool, device=device)
     top_w = torch.arange(K, device=device) < W
+    prompts, settled_out = None, None              # with drop_finished: the prompts still searched, and the n-best
+                                                   # lists of all prompts (those of dropped prompts are final)
     for t in range(max_new_tokens):
         if t < min_new_tokens:
             log_probs = log_probs.clone()
@@ -492,8 +523,28 @@ def beam_search(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tens
         if not improvable.any() or (early_stopping is True and best_filled.all()) or ends.all():
             break
         flat_parent = (running_parent + torch.arange(B, device=device)[:, None] * W).view(-1)
+        if drop_finished:
+            # a prompt that cannot improve (or, with early_stopping=True, has W hypotheses) adds nothing any more
+            settled = ~improvable[:, 0] | (best_filled.all(1) if early_stopping is True else False)
+            if 4 * int(settled.sum()) >= B:
+                if prompts is None:
+                    prompts = torch.arange(B, device=device)
+                    settled_out = [best.clone(), best_lengths.clone(), best_scores.clone()]
+                for full, part in zip(settled_out, (best, best_lengths, best_scores)):
+                    full[prompts[settled]] = part[settled]
+                keep = (~settled).nonzero().squeeze(1)
+                flat_parent = flat_parent.view(B, W)[keep].reshape(-1)
+                running, running_scores, best, best_scores, best_lengths, best_filled, improvable = (
+                    x[keep] for x in (running, running_scores, best, best_scores, best_lengths, best_filled,
+                                      improvable))
+                prompts, B = prompts[keep], len(keep)
         decoder.reorder(flat_parent)
         log_probs = decoder.step(running[:, :, t].reshape(-1), eos_id=eos_id)
+    if prompts is not None:                                           # put the prompts still searched back
+        for full, part in zip(settled_out, (best, best_lengths, best_scores)):
+            full[prompts] = part
+        best, best_lengths, best_scores = settled_out
+        B = best.shape[0]
     tokens = best[:, :num_return].reshape(B * num_return, max_new_tokens)
     lengths = best_lengths[:, :num_return].reshape(-1)
     L = int(lengths.max())

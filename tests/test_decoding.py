@@ -1248,3 +1248,133 @@ def test_fast_path_reorder_that_changes_the_row_count():
         general.reorder(index)
         token = torch.arange(len(index)) + 3
         torch.testing.assert_close(fast.step(token), general.step(token), atol=2e-5, rtol=0)
+
+
+# ------------------------------------------------------------------- dropping ended rows from the batch
+
+def _drop_models():
+    """Small models with peaked distributions (2-D weights scaled up), so that rows end at many different steps."""
+    from simbook.models.gpt import GPT
+    from simbook.recurrent import RecurrentConfig, RecurrentLM, RecurrentStepDecoder
+
+    torch.manual_seed(3)
+    gpt = GPT(TransformerConfig(vocab_size=30, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                max_position=96, dropout=0.0, pre_norm=True)).eval()
+    bert = _bert_lm(vocab=30, max_position=96)
+    torch.manual_seed(3)
+    rnn = {cell: RecurrentLM(RecurrentConfig(vocab_size=30, hidden_size=24, num_layers=2, cell=cell)).eval()
+           for cell in ("tanh", "lstm")}
+    with torch.no_grad():
+        for model in [gpt, bert, *rnn.values()]:
+            for weight in model.parameters():
+                if weight.dim() == 2:
+                    weight.mul_(6.0)
+    return {"gpt packed": lambda eps: StepDecoder(gpt, self_terminating=eps),
+            "gpt general": lambda eps: StepDecoder(gpt, self_terminating=eps, fast=False),
+            "bert causal": lambda eps: StepDecoder(bert, self_terminating=eps),
+            "tanh": lambda eps: RecurrentStepDecoder(rnn["tanh"], self_terminating=eps),
+            "lstm": lambda eps: RecurrentStepDecoder(rnn["lstm"], self_terminating=eps)}
+
+
+DROP_MODELS = _drop_models()
+DROP_PROMPTS = _pad_batch([list(range(1 + i % 7, 3 + i % 7 + i % 5)) for i in range(24)])
+
+
+def _varied_eos(decode):
+    """The end token for which `decode(eos)` (a DecodingOutput) ends its rows at the most different steps."""
+    return max(range(1, 30), key=lambda eos: len(set(decode(eos).lengths.tolist())))
+
+
+class _CountingRows:
+    """Wraps a step decoder and records the batch size of every step."""
+
+    def __init__(self, decoder):
+        self.decoder, self.rows = decoder, []
+
+    def __getattr__(self, name):
+        return getattr(self.decoder, name)
+
+    def step(self, next_ids, **kw):
+        self.rows.append(len(next_ids))
+        return self.decoder.step(next_ids, **kw)
+
+
+@pytest.mark.parametrize("eps", [None, 0.05], ids=["vanilla", "ST"])
+@pytest.mark.parametrize("name", list(DROP_MODELS))
+def test_drop_finished_gives_the_same_greedy_tokens_with_fewer_rows(name, eps):
+    make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
+    eos = _varied_eos(lambda eos: greedy(make(eps), ids, valid, max_new_tokens=60, eos_id=eos))
+    for min_new in (0, 3):
+        plain = greedy(make(eps), ids, valid, max_new_tokens=60, eos_id=eos, min_new_tokens=min_new)
+        counting = _CountingRows(make(eps))
+        dropped = greedy(counting, ids, valid, max_new_tokens=60, eos_id=eos, min_new_tokens=min_new,
+                         drop_finished=True)
+        assert dropped.to_lists() == plain.to_lists()
+        assert dropped.finished.tolist() == plain.finished.tolist()
+        assert dropped.lengths.tolist() == plain.lengths.tolist()
+        assert counting.rows == sorted(counting.rows, reverse=True)
+        ended_early = int((plain.lengths < plain.lengths.max()).sum())
+        shrank = bool(counting.rows) and min(counting.rows) < len(ids)
+        assert shrank == (ended_early >= 6)                   # a quarter of the rows ended before the last step
+
+
+@pytest.mark.parametrize("early_stopping, length_penalty", [(False, 1.0), (True, 1.0), ("never", 1.0),
+                                                            (False, 0.0), (False, 2.0), ("never", 2.0)])
+@pytest.mark.parametrize("eps", [None, 0.05], ids=["vanilla", "ST"])
+@pytest.mark.parametrize("name", ["gpt packed", "gpt general", "bert causal", "lstm"])
+def test_drop_finished_gives_the_same_beams(name, eps, early_stopping, length_penalty):
+    make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
+    eos = _varied_eos(lambda eos: beam_search(make(eps), ids, valid, beam_width=2, max_new_tokens=50, eos_id=eos))
+    for width, num_return, min_new in [(2, 1, 0), (3, 3, 2)]:
+        options = dict(beam_width=width, max_new_tokens=50, eos_id=eos, num_return=num_return,
+                       early_stopping=early_stopping, length_penalty=length_penalty, min_new_tokens=min_new)
+        plain = beam_search(make(eps), ids, valid, **options)
+        counting = _CountingRows(make(eps))
+        dropped = beam_search(counting, ids, valid, **options, drop_finished=True)
+        assert dropped.to_lists() == plain.to_lists()
+        assert dropped.lengths.tolist() == plain.lengths.tolist()
+        assert dropped.finished.tolist() == plain.finished.tolist()
+        torch.testing.assert_close(dropped.scores, plain.scores, rtol=0, atol=1e-5)   # smaller batch: rounding
+        assert counting.rows == sorted(counting.rows, reverse=True) and len(counting.rows) <= 49
+
+
+@pytest.mark.parametrize("name", ["bert causal", "lstm"])
+def test_drop_finished_shrinks_the_beam_batch(name):
+    make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
+    eos = _varied_eos(lambda eos: beam_search(make(None), ids, valid, beam_width=2, max_new_tokens=50, eos_id=eos))
+    counting = _CountingRows(make(None))
+    out = beam_search(counting, ids, valid, beam_width=2, max_new_tokens=50, eos_id=eos, drop_finished=True)
+    assert len(set(out.lengths.tolist())) >= 4
+    assert counting.rows[0] == 48 and min(counting.rows) <= 36
+
+
+def test_sample_with_drop_finished_keeps_each_rows_distribution():
+    """FixedLM's eos has probability q at every step, so a continuation's length is geometric with mean 1/q,
+    whichever rows share its batch. 4,000 rows: the sample mean is within 4 standard errors of 1/q."""
+    class NoCache:                                                # FixedLM reads no history: nothing to reorder
+        def reorder(self, index):
+            pass
+
+    model = FixedLM(eos_logit=math.log(49 / 9), other_logit=0.0)    # eos against 49 tokens of logit 0: q = 0.1
+    model.new_cache = NoCache
+    probs = torch.softmax(model.logits, -1)
+    q = float(probs[0])
+    assert abs(q - 0.1) < 1e-6
+    ids = torch.full((4000, 2), 7)
+    g = torch.Generator().manual_seed(0)
+    out = sample(StepDecoder(model), ids, max_new_tokens=150, eos_id=0, generator=g, drop_finished=True)
+    assert out.finished.float().mean() > 0.999
+    lengths = out.lengths[out.finished].double()
+    sd = math.sqrt((1 - q) / q ** 2 / len(lengths))
+    assert abs(float(lengths.mean()) - 1 / q) < 4 * sd, (float(lengths.mean()), 1 / q)
+    top1 = sample(StepDecoder(_bert_lm()), _ids(12, 4, seed=5), max_new_tokens=30, eos_id=9, top_k=1,
+                  drop_finished=True)
+    assert top1.to_lists() == greedy(StepDecoder(_bert_lm()), _ids(12, 4, seed=5), max_new_tokens=30,
+                                     eos_id=9).to_lists()
+
+
+@pytest.mark.parametrize("decode", [greedy, sample, beam_search])
+def test_drop_finished_must_be_a_bool(bert, decode):
+    extra = {"beam_width": 2} if decode is beam_search else {}
+    with pytest.raises(TypeError, match="drop_finished must be True or False"):
+        decode(StepDecoder(bert), _ids(2, 3), max_new_tokens=4, eos_id=3, drop_finished=1, **extra)

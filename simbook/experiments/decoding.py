@@ -391,7 +391,8 @@ def step_decoder(model, epsilon: float | None) -> StepDecoder:
 def continuation_lengths(model, epsilon: float | None, contexts: torch.Tensor, decoder: str, *, cap: int, eos_id: int,
                          pad_id: int, seed: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode every context with `decoder` (a name of `DECODERS`) up to `cap` tokens, `batch` contexts at a time;
-    returns (finished `[N]`, lengths `[N]`) on the CPU. Defined in: *Seq2seq that won't stop: the experiment*,
+    returns (finished `[N]`, lengths `[N]`) on the CPU. Rows that ended leave the batch (`drop_finished`), so a few
+    continuations that never end cost only their own steps. Defined in: *Seq2seq that won't stop: the experiment*,
     section "At the paper's scale"."""
     kind, options = DECODERS[decoder]
     device = next(model.parameters()).device
@@ -399,7 +400,7 @@ def continuation_lengths(model, epsilon: float | None, contexts: torch.Tensor, d
     finished, lengths = [], []
     for start in range(0, len(contexts), batch):
         ids = contexts[start:start + batch].to(device)
-        common = dict(max_new_tokens=cap, eos_id=eos_id, pad_id=pad_id)
+        common = dict(max_new_tokens=cap, eos_id=eos_id, pad_id=pad_id, drop_finished=True)
         decoding = step_decoder(model, epsilon)
         if kind == "greedy":
             out = greedy(decoding, ids, **common)
