@@ -169,7 +169,7 @@ def test_config_refuses_what_cannot_run():
         ScaleConfig(cap=100, lengths=(10, 200))
     with pytest.raises(ValueError, match="epsilon"):
         ScaleConfig(epsilons=(0.0,))
-    assert len(ScaleConfig().runs()) == 36 and len(ScaleConfig.small().runs()) == 6
+    assert len(ScaleConfig().runs()) == 36 and len(ScaleConfig.small().runs()) == 4
 
 
 def test_command_runs_workers_and_continues(tmp_path):

@@ -341,10 +341,11 @@ class ScaleConfig:
 
     @classmethod
     def small(cls, **changes) -> "ScaleConfig":
-        """The chapter's live preset: one seed, one epsilon, small models, 24 + 24 contexts, L = 48."""
-        return cls(**{"epsilons": (1e-2,), "seeds": 1, "steps": 100, "width": 32, "cap": 48, "contexts": 24,
-                      "max_chars": 48, "lengths": (6, 12, 24, 48), "decoders": ("greedy", "beam 2",
-                      "consistent top-k 4"), **changes})
+        """The chapter's live preset: the tanh RNN and the GPT, one seed, one epsilon, small models, 24 + 24
+        contexts, L = 48."""
+        return cls(**{"architectures": ("tanh", "gpt"), "epsilons": (1e-2,), "seeds": 1, "steps": 100, "width": 32,
+                      "cap": 48, "contexts": 24, "max_chars": 48, "lengths": (6, 12, 24, 48),
+                      "decoders": ("greedy", "beam 2", "consistent top-k 4"), **changes})
 
     def variants(self) -> dict[str, float | None]:
         """Model variants: "vanilla" and "ST <epsilon>" -> the epsilon of the self-terminating layer (or None)."""
