@@ -226,10 +226,10 @@ def stream(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | 
     distributions, but its generator's numbers then fall on other rows.
     Defined in: *Seq2seq that won't stop*, section "Greedy decoding and sampling, streamed"."""
     valid = _check_decoding_args(decoder, input_ids, valid, max_new_tokens, min_new_tokens, eos_id, pad_id)
-    choose = (lambda lp: lp.argmax(-1)) if choose is None else choose
-    log_probs = decoder.prefill(input_ids.to(decoder.device), valid.to(decoder.device), eos_id=eos_id)
     if not isinstance(drop_finished, bool):
         raise TypeError(f"drop_finished must be True or False, got {type(drop_finished).__name__}")
+    choose = (lambda lp: lp.argmax(-1)) if choose is None else choose
+    log_probs = decoder.prefill(input_ids.to(decoder.device), valid.to(decoder.device), eos_id=eos_id)
     done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=decoder.device)
     rows = None                                           # the rows still in the decoder's batch (None: all)
     for t in range(max_new_tokens):
@@ -279,8 +279,8 @@ def _collect(steps: Iterator[torch.Tensor], eos_id: int | None, pad_id: int) -> 
 def greedy(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
            max_new_tokens: int, eos_id: int | None = None, min_new_tokens: int = 0, pad_id: int = 0,
            drop_finished: bool = False) -> DecodingOutput:
-    """Greedy decoding: the most probable token at every step (`drop_finished`: see `stream`; the tokens are the
-    same either way). Defined in: *Seq2seq that won't stop*, section "Greedy decoding and sampling, streamed"."""
+    """Greedy decoding: the most probable token at every step (`drop_finished`: see `stream`). Defined in: *Seq2seq
+    that won't stop*, section "Greedy decoding and sampling, streamed"."""
     return _collect(stream(decoder, input_ids, valid, max_new_tokens=max_new_tokens, eos_id=eos_id,
                            min_new_tokens=min_new_tokens, pad_id=pad_id, drop_finished=drop_finished), eos_id, pad_id)
 
