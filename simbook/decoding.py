@@ -279,8 +279,9 @@ def _collect(steps: Iterator[torch.Tensor], eos_id: int | None, pad_id: int) -> 
 def greedy(decoder: StepDecoder, input_ids: torch.Tensor, valid: torch.Tensor | None = None, *,
            max_new_tokens: int, eos_id: int | None = None, min_new_tokens: int = 0, pad_id: int = 0,
            drop_finished: bool = False) -> DecodingOutput:
-    """Greedy decoding: the most probable token at every step (`drop_finished`: see `stream`). Defined in: *Seq2seq
-    that won't stop*, section "Greedy decoding and sampling, streamed"."""
+    """Greedy decoding: the most probable token at every step (`drop_finished`: see `stream`).
+
+    Defined in: *Seq2seq that won't stop*, section "Greedy decoding and sampling, streamed"."""
     return _collect(stream(decoder, input_ids, valid, max_new_tokens=max_new_tokens, eos_id=eos_id,
                            min_new_tokens=min_new_tokens, pad_id=pad_id, drop_finished=drop_finished), eos_id, pad_id)
 

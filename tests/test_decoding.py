@@ -2,6 +2,7 @@
 search against Hugging Face transformers' `generate` on the same GPT-2 weights, the filters (top-k, nucleus,
 consistent) by brute force and by a chi-square test of `sample`, the self-terminating layer, the metrics, and the
 argument checks."""
+import functools
 import math
 
 import pytest
@@ -1285,6 +1286,18 @@ def _varied_eos(decode):
     return max(range(1, 30), key=lambda eos: len(set(decode(eos).lengths.tolist())))
 
 
+@functools.cache
+def _greedy_eos(name, eps):
+    make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
+    return _varied_eos(lambda eos: greedy(make(eps), ids, valid, max_new_tokens=60, eos_id=eos))
+
+
+@functools.cache
+def _beam_eos(name, eps):
+    make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
+    return _varied_eos(lambda eos: beam_search(make(eps), ids, valid, beam_width=2, max_new_tokens=50, eos_id=eos))
+
+
 class _CountingRows:
     """Wraps a step decoder and records the batch size of every step."""
 
@@ -1303,7 +1316,7 @@ class _CountingRows:
 @pytest.mark.parametrize("name", list(DROP_MODELS))
 def test_drop_finished_gives_the_same_greedy_tokens_with_fewer_rows(name, eps):
     make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
-    eos = _varied_eos(lambda eos: greedy(make(eps), ids, valid, max_new_tokens=60, eos_id=eos))
+    eos = _greedy_eos(name, eps)
     for min_new in (0, 3):
         plain = greedy(make(eps), ids, valid, max_new_tokens=60, eos_id=eos, min_new_tokens=min_new)
         counting = _CountingRows(make(eps))
@@ -1324,7 +1337,7 @@ def test_drop_finished_gives_the_same_greedy_tokens_with_fewer_rows(name, eps):
 @pytest.mark.parametrize("name", ["gpt packed", "gpt general", "bert causal", "lstm"])
 def test_drop_finished_gives_the_same_beams(name, eps, early_stopping, length_penalty):
     make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
-    eos = _varied_eos(lambda eos: beam_search(make(eps), ids, valid, beam_width=2, max_new_tokens=50, eos_id=eos))
+    eos = _beam_eos(name, eps)
     for width, num_return, min_new in [(2, 1, 0), (3, 3, 2)]:
         options = dict(beam_width=width, max_new_tokens=50, eos_id=eos, num_return=num_return,
                        early_stopping=early_stopping, length_penalty=length_penalty, min_new_tokens=min_new)
@@ -1341,7 +1354,7 @@ def test_drop_finished_gives_the_same_beams(name, eps, early_stopping, length_pe
 @pytest.mark.parametrize("name", ["bert causal", "lstm"])
 def test_drop_finished_shrinks_the_beam_batch(name):
     make, (ids, valid) = DROP_MODELS[name], DROP_PROMPTS
-    eos = _varied_eos(lambda eos: beam_search(make(None), ids, valid, beam_width=2, max_new_tokens=50, eos_id=eos))
+    eos = _beam_eos(name, None)
     counting = _CountingRows(make(None))
     out = beam_search(counting, ids, valid, beam_width=2, max_new_tokens=50, eos_id=eos, drop_finished=True)
     assert len(set(out.lengths.tolist())) >= 4
